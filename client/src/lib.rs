@@ -1,0 +1,407 @@
+//! fedhcc-client: a site's client. It dials out to the server over mutual TLS, waits for tasks,
+//! runs them with an [`Executor`] (local training and evaluation on the site's own data) and
+//! returns only weights deltas and aggregate metrics. It reconnects with exponential backoff and
+//! jitter, so a server restart or a network outage only delays it.
+//!
+//! - [`transport`]: TLS channel, chunked download/upload (the only place prost types are used).
+//! - [`run`]: the task loop.
+
+pub mod transport;
+
+use fedhcc_core::params::{Fingerprint, ParameterSet};
+use fedhcc_proto as pb;
+use rand::Rng;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+pub use transport::{ServerTarget, TransportError};
+
+/// Hyper-parameters of a train task, as the executor sees them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainSpec {
+    pub round: u32,
+    pub total_rounds: u32,
+    pub local_epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub prox_mu: f64,
+    pub seed: u64,
+}
+
+/// What local training returns.
+#[derive(Clone, Debug)]
+pub struct TrainResult {
+    /// The locally trained weights (the client sends their delta against the global model).
+    pub params: ParameterSet,
+    /// FedAvg weight.
+    pub num_samples: u64,
+    /// Aggregate metrics only, e.g. `train_loss`.
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// What an evaluation returns: aggregate metrics only, never per-patient values.
+#[derive(Clone, Debug)]
+pub struct EvalResult {
+    pub num_samples: u64,
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// Lets a long task notice that it should stop.
+#[derive(Clone, Debug, Default)]
+pub struct TaskControl {
+    cancelled: Arc<AtomicBool>,
+}
+
+impl TaskControl {
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A failure inside local work.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ExecutorError(pub String);
+
+/// Local work at a site (FLARE's Executor): a task in, a result out. Runs on a blocking thread.
+pub trait Executor: Send + 'static {
+    /// Layout of the model this site trains, to be checked against the server's at join.
+    fn fingerprint(&self) -> Option<Fingerprint>;
+    /// Training samples at this site (sent at join; used as the FedAvg weight).
+    fn num_samples(&self) -> u64;
+    /// Trains locally starting from `global`.
+    ///
+    /// # Errors
+    /// The data or model cannot be used; the reason goes to the site's log.
+    fn train(
+        &mut self,
+        global: &ParameterSet,
+        spec: &TrainSpec,
+        ctl: &TaskControl,
+    ) -> Result<TrainResult, ExecutorError>;
+    /// Evaluates `global` on the named split (`test` or `val`).
+    ///
+    /// # Errors
+    /// The data or model cannot be used.
+    fn evaluate(&mut self, global: &ParameterSet, split: &str, ctl: &TaskControl) -> Result<EvalResult, ExecutorError>;
+}
+
+/// Settings of a client run.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub site_id: String,
+    pub study_id: String,
+    pub run_id: String,
+    pub target: ServerTarget,
+    /// First reconnect delay; doubled each failure up to `max_backoff`, with ±50% jitter.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Give up after this long without reaching the server (None = never).
+    pub give_up_after: Option<Duration>,
+    /// `status.json` is kept here for the site operator.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// How a client run ended.
+#[derive(Clone, Debug, Default)]
+pub struct ClientOutcome {
+    pub finished: bool,
+    pub rounds_trained: u32,
+    pub evaluations: u32,
+    pub bytes_down: u64,
+    pub bytes_up: u64,
+    pub final_model_sha256: String,
+}
+
+/// A failure that ends the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("gave up after {0:?} without reaching the server")]
+    GaveUp(Duration),
+    #[error("local task failed: {0}")]
+    Executor(#[from] ExecutorError),
+}
+
+/// What the site operator sees in `status.json`.
+#[derive(serde::Serialize)]
+struct StatusFile<'a> {
+    site_id: &'a str,
+    state: &'a str,
+    detail: String,
+    round: u32,
+    rounds_trained: u32,
+    updated_unix: u64,
+}
+
+struct Runner<E> {
+    opts: ClientOptions,
+    executor: Option<E>,
+    outcome: ClientOutcome,
+    trained_tasks: std::collections::HashSet<String>,
+}
+
+impl<E: Executor> Runner<E> {
+    fn status(&self, state: &str, detail: String, round: u32) {
+        tracing::info!(site = %self.opts.site_id, state, round, "{detail}");
+        let Some(dir) = &self.opts.state_dir else { return };
+        let s = StatusFile {
+            site_id: &self.opts.site_id,
+            state,
+            detail,
+            round,
+            rounds_trained: self.outcome.rounds_trained,
+            updated_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        if let Ok(text) = serde_json::to_string_pretty(&s) {
+            let _ = std::fs::create_dir_all(dir);
+            let _ = fedhcc_core::pki::write_atomic(&dir.join("status.json"), text.as_bytes(), false);
+        }
+    }
+
+    fn task_ref(&self, t: Option<pb::TaskRef>) -> Result<pb::TaskRef, TransportError> {
+        t.ok_or_else(|| TransportError::Damaged("a task without its reference".into()))
+    }
+
+    /// One connection's life: join, then serve tasks until the stream ends.
+    async fn session(&mut self, shutdown: &CancellationToken, connected: &mut bool) -> Result<bool, ClientError> {
+        let mut client = transport::connect(&self.opts.target).await?;
+        let (fp, n) = self.executor.as_ref().map(|e| (e.fingerprint(), e.num_samples())).unwrap_or((None, 0));
+        let join = client
+            .join(pb::JoinRequest {
+                study_id: self.opts.study_id.clone(),
+                client_version: pb::PROTOCOL_VERSION.into(),
+                model_fingerprint: fp.map(|f| f.to_hex()).unwrap_or_default(),
+                num_samples: n,
+            })
+            .await
+            .map_err(TransportError::from)?
+            .into_inner();
+        *connected = true;
+        if join.run_id != self.opts.run_id {
+            tracing::warn!(server_run = %join.run_id, configured = %self.opts.run_id, "the server runs another run id; following the server");
+            self.opts.run_id = join.run_id.clone();
+        }
+        self.status(
+            "joined",
+            format!(
+                "joined study {} run {} at round {} of {}",
+                join.study_id, join.run_id, join.current_round, join.total_rounds
+            ),
+            join.current_round,
+        );
+        let mut events = client
+            .wait_task(pb::WaitTaskRequest { study_id: self.opts.study_id.clone(), run_id: self.opts.run_id.clone() })
+            .await
+            .map_err(TransportError::from)?
+            .into_inner();
+        self.status("waiting", "waiting for a task".into(), join.current_round);
+        loop {
+            let ev = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                ev = events.message() => ev.map_err(TransportError::from)?,
+            };
+            let Some(ev) = ev else {
+                return Err(TransportError::Damaged("the server closed the task stream".into()).into());
+            };
+            match ev.event {
+                Some(pb::task_event::Event::Heartbeat(_)) | None => {}
+                Some(pb::task_event::Event::Finished(f)) => {
+                    self.outcome.finished = true;
+                    self.outcome.final_model_sha256 = f.final_model_sha256.clone();
+                    self.status(
+                        "finished",
+                        format!("run finished after {} rounds", f.rounds_completed),
+                        f.rounds_completed,
+                    );
+                    return Ok(true);
+                }
+                Some(pb::task_event::Event::Train(t)) => self.train(&mut client, t, shutdown).await?,
+                Some(pb::task_event::Event::Evaluate(t)) => self.evaluate(&mut client, t, shutdown).await?,
+            }
+        }
+    }
+
+    async fn run_blocking<T: Send + 'static>(
+        &mut self,
+        shutdown: &CancellationToken,
+        f: impl FnOnce(&mut E, &TaskControl) -> T + Send + 'static,
+    ) -> Result<T, ClientError> {
+        let mut exec = self.executor.take().ok_or_else(|| ExecutorError("executor unavailable".into()))?;
+        let ctl = TaskControl::default();
+        let ctl2 = ctl.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            let r = f(&mut exec, &ctl2);
+            (exec, r)
+        });
+        let cancel_on_shutdown = async {
+            shutdown.cancelled().await;
+            ctl.cancel();
+            std::future::pending::<()>().await
+        };
+        let joined = tokio::select! {
+            j = handle => j,
+            _ = cancel_on_shutdown => unreachable!("pending never completes"),
+        };
+        let (exec, r) = joined.map_err(|e| ExecutorError(format!("local task panicked: {e}")))?;
+        self.executor = Some(exec);
+        Ok(r)
+    }
+
+    async fn train(
+        &mut self,
+        client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+        t: pb::TrainTask,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ClientError> {
+        let tref = self.task_ref(t.task.clone())?;
+        if self.trained_tasks.contains(&tref.task_id) {
+            return Ok(());
+        }
+        let round = tref.round;
+        self.status(
+            "downloading",
+            format!("round {round}: downloading the global model ({} bytes)", t.model_bytes),
+            round,
+        );
+        let (global, n) = transport::download(client, tref.clone(), &t.model_sha256).await?;
+        self.outcome.bytes_down += n;
+        let spec = TrainSpec {
+            round,
+            total_rounds: t.total_rounds,
+            local_epochs: t.local_epochs,
+            batch_size: t.batch_size,
+            learning_rate: t.learning_rate,
+            weight_decay: t.weight_decay,
+            prox_mu: t.prox_mu,
+            seed: t.seed,
+        };
+        self.status("training", format!("round {round}: training locally ({} epochs)", spec.local_epochs), round);
+        let started = Instant::now();
+        let g = Arc::new(global);
+        let g2 = Arc::clone(&g);
+        let result = self.run_blocking(shutdown, move |e, ctl| e.train(&g2, &spec, ctl)).await??;
+        let delta = result
+            .params
+            .delta_from(&g)
+            .map_err(|e| ExecutorError(format!("trained model does not match the global layout: {e}")))?;
+        drop(result.params);
+        let mut metrics = result.metrics;
+        metrics.push(("train_seconds".into(), started.elapsed().as_secs_f64()));
+        self.status("uploading", format!("round {round}: uploading the update"), round);
+        match transport::upload(client, tref.clone(), &delta, result.num_samples, metrics).await {
+            Ok(n) => {
+                self.outcome.bytes_up += n;
+                self.outcome.rounds_trained += 1;
+            }
+            // Already counted (a resent task after a reconnect): nothing to redo.
+            Err(TransportError::Status(s)) if s.code() == tonic::Code::AlreadyExists => {}
+            // The round closed meanwhile: the next task will come.
+            Err(TransportError::Status(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                tracing::warn!(reason = s.message(), "update not used");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.trained_tasks.insert(tref.task_id.clone());
+        self.status("waiting", format!("round {round} done; waiting for the next task"), round);
+        Ok(())
+    }
+
+    async fn evaluate(
+        &mut self,
+        client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+        t: pb::EvaluateTask,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ClientError> {
+        let tref = self.task_ref(t.task.clone())?;
+        if self.trained_tasks.contains(&tref.task_id) {
+            return Ok(());
+        }
+        let round = tref.round;
+        self.status("evaluating", format!("evaluating the model of round {round} on the '{}' split", t.split), round);
+        let (global, n) = transport::download(client, tref.clone(), &t.model_sha256).await?;
+        self.outcome.bytes_down += n;
+        let split = t.split.clone();
+        let res = self.run_blocking(shutdown, move |e, ctl| e.evaluate(&global, &split, ctl)).await??;
+        let report = pb::EvaluationReport {
+            task: Some(tref.clone()),
+            num_samples: res.num_samples,
+            metrics: res.metrics.into_iter().map(|(name, value)| pb::Metric { name, value }).collect(),
+        };
+        match client.report_evaluation(report).await {
+            Ok(_) => self.outcome.evaluations += 1,
+            Err(s) if matches!(s.code(), tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition) => {
+                tracing::warn!(reason = s.message(), "evaluation not used");
+            }
+            Err(s) => return Err(TransportError::from(s).into()),
+        }
+        self.trained_tasks.insert(tref.task_id.clone());
+        self.status("waiting", format!("evaluation of round {round} sent; waiting"), round);
+        Ok(())
+    }
+}
+
+/// Runs a site's client until the server announces the end of the run, `shutdown` is cancelled,
+/// or (if set) `give_up_after` passes without reaching the server.
+///
+/// # Errors
+/// A permanent refusal (wrong study, certificate not accepted, not on the allow-list), a failing
+/// local task, or giving up.
+pub async fn run<E: Executor>(
+    opts: ClientOptions,
+    executor: E,
+    shutdown: CancellationToken,
+) -> Result<ClientOutcome, ClientError> {
+    let mut runner =
+        Runner { opts, executor: Some(executor), outcome: ClientOutcome::default(), trained_tasks: Default::default() };
+    let mut backoff = runner.opts.min_backoff;
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(runner.outcome);
+        }
+        let mut connected = false;
+        match runner.session(&shutdown, &mut connected).await {
+            Ok(true) => return Ok(runner.outcome),
+            Ok(false) => return Ok(runner.outcome),
+            Err(ClientError::Transport(e)) if e.is_transient() => {
+                if connected {
+                    backoff = runner.opts.min_backoff;
+                    unreachable_since = None;
+                }
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if let Some(limit) = runner.opts.give_up_after
+                    && since.elapsed() > limit
+                {
+                    return Err(ClientError::GaveUp(limit));
+                }
+                let jitter = rand::rng().random_range(0.5..1.5);
+                let wait = backoff.mul_f64(jitter);
+                runner.status(
+                    "reconnecting",
+                    format!("server unreachable ({e}); retrying in {:.1} s", wait.as_secs_f64()),
+                    0,
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(runner.outcome),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                backoff = (backoff * 2).min(runner.opts.max_backoff);
+            }
+            Err(e) => {
+                runner.status("stopped", format!("stopped: {e}"), 0);
+                return Err(e);
+            }
+        }
+    }
+}

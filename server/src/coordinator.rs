@@ -1,0 +1,509 @@
+//! The round state machine. Pure: no IO, no clock of its own, no async. Callers feed it events
+//! (sites connected, an update accepted, time passing, a round committed) with the current
+//! `Instant`, and carry out the [`Action`]s it returns. This keeps every rule about rounds,
+//! quorum, retries and late or duplicate submissions testable in microseconds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// Fixed parameters of a run.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    pub rounds: u32,
+    pub min_sites: usize,
+    pub round_timeout: Duration,
+    /// Evaluate every k committed rounds (0 = only after the last).
+    pub evaluate_every: u32,
+}
+
+/// Where the run is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    WaitingForSites,
+    Training,
+    Aggregating,
+    Evaluating,
+    Finished,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::WaitingForSites => "waiting_for_sites",
+            Phase::Training => "training",
+            Phase::Aggregating => "aggregating",
+            Phase::Evaluating => "evaluating",
+            Phase::Finished => "finished",
+        }
+    }
+}
+
+/// What kind of task is running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskKind {
+    Train,
+    Evaluate,
+}
+
+/// The task the sites are working on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub kind: TaskKind,
+    /// For a train task: the round being trained. For an evaluate task: the last committed round.
+    pub round: u32,
+    pub attempt: u32,
+    pub id: String,
+    pub selected: BTreeSet<String>,
+}
+
+/// One site's accepted answer to a task (aggregate numbers only).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteResult {
+    pub samples: u64,
+    pub metrics: Vec<(String, f64)>,
+    pub bytes: u64,
+}
+
+/// What the caller must do next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Tell the selected sites about a new task.
+    Announce(Task),
+    /// The train task closed with enough results: aggregate these (in this fixed site order),
+    /// checkpoint, record, then call [`Coordinator::round_committed`].
+    Aggregate { task: Task, results: BTreeMap<String, SiteResult>, failures: BTreeMap<String, String> },
+    /// The task closed without enough results; its spooled updates can be discarded.
+    Discard { task: Task, reason: String },
+    /// An evaluate task closed: these sites reported.
+    EvaluationDone { task: Task, reported: BTreeSet<String>, missing: BTreeSet<String> },
+    /// Every round is committed and evaluated.
+    Finish { rounds_completed: u32 },
+}
+
+/// Why a submission is refused. The service turns these into gRPC statuses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// For a round or task that has closed.
+    Stale { submitted: String, current: String },
+    /// For a round or task that has not started.
+    Future { submitted: String, current: String },
+    /// This site already answered this task.
+    Duplicate { task: String },
+    /// This site was not selected for this task.
+    NotSelected { task: String },
+    /// The run is not collecting this kind of answer now.
+    WrongPhase { phase: Phase },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Stale { submitted, current } => {
+                write!(f, "task {submitted} has closed; the server is now at {current}")
+            }
+            Refusal::Future { submitted, current } => {
+                write!(f, "task {submitted} has not started; the server is at {current}")
+            }
+            Refusal::Duplicate { task } => write!(f, "this site already submitted for task {task}"),
+            Refusal::NotSelected { task } => write!(f, "this site was not selected for task {task}"),
+            Refusal::WrongPhase { phase } => {
+                write!(f, "the server is not accepting this now (phase: {})", phase.as_str())
+            }
+        }
+    }
+}
+
+/// The round state machine.
+#[derive(Debug)]
+pub struct Coordinator {
+    cfg: CoordinatorConfig,
+    phase: Phase,
+    completed: u32,
+    attempt: u32,
+    task: Option<Task>,
+    deadline: Option<Instant>,
+    connected: BTreeSet<String>,
+    results: BTreeMap<String, SiteResult>,
+}
+
+/// Task ids: `r3a1` = round 3, attempt 1; `e3a1` = evaluation after round 3.
+pub fn task_id(kind: TaskKind, round: u32, attempt: u32) -> String {
+    match kind {
+        TaskKind::Train => format!("r{round}a{attempt}"),
+        TaskKind::Evaluate => format!("e{round}a{attempt}"),
+    }
+}
+
+/// Parses a task id back into (kind, round, attempt).
+pub fn parse_task_id(id: &str) -> Option<(TaskKind, u32, u32)> {
+    let kind = match id.as_bytes().first()? {
+        b'r' => TaskKind::Train,
+        b'e' => TaskKind::Evaluate,
+        _ => return None,
+    };
+    let (r, a) = id[1..].split_once('a')?;
+    Some((kind, r.parse().ok()?, a.parse().ok()?))
+}
+
+impl Coordinator {
+    /// A coordinator resuming after `completed` committed rounds (0 for a fresh run).
+    pub fn new(cfg: CoordinatorConfig, completed: u32) -> Self {
+        let phase = if completed >= cfg.rounds { Phase::Finished } else { Phase::WaitingForSites };
+        Self {
+            cfg,
+            phase,
+            completed,
+            attempt: 0,
+            task: None,
+            deadline: None,
+            connected: BTreeSet::new(),
+            results: BTreeMap::new(),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+    pub fn completed_rounds(&self) -> u32 {
+        self.completed
+    }
+    pub fn total_rounds(&self) -> u32 {
+        self.cfg.rounds
+    }
+    pub fn current_task(&self) -> Option<&Task> {
+        self.task.as_ref()
+    }
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+    pub fn connected(&self) -> &BTreeSet<String> {
+        &self.connected
+    }
+    /// Sites that have answered the current task.
+    pub fn answered(&self) -> impl Iterator<Item = &String> {
+        self.results.keys()
+    }
+    /// The round a train task would carry now.
+    pub fn current_round(&self) -> u32 {
+        (self.completed + 1).min(self.cfg.rounds)
+    }
+
+    fn describe_current(&self) -> String {
+        match &self.task {
+            Some(t) => format!("task {}", t.id),
+            None => format!("round {} ({})", self.current_round(), self.phase.as_str()),
+        }
+    }
+
+    /// The set of connected, allowed sites changed.
+    pub fn sites_changed(&mut self, connected: BTreeSet<String>, now: Instant) -> Vec<Action> {
+        self.connected = connected;
+        match self.phase {
+            Phase::WaitingForSites => self.try_start(TaskKind::Train, now),
+            Phase::Training | Phase::Evaluating => self.try_close(now, false),
+            Phase::Aggregating | Phase::Finished => vec![],
+        }
+    }
+
+    fn try_start(&mut self, kind: TaskKind, now: Instant) -> Vec<Action> {
+        if self.connected.len() < self.cfg.min_sites {
+            self.phase = if kind == TaskKind::Train { Phase::WaitingForSites } else { self.phase };
+            if kind == TaskKind::Evaluate && self.connected.is_empty() {
+                // Nobody to evaluate with: the evaluation is skipped rather than blocking the run.
+                return self.after_evaluation(now);
+            }
+            if kind == TaskKind::Train {
+                return vec![];
+            }
+        }
+        self.attempt += 1;
+        let round = match kind {
+            TaskKind::Train => self.completed + 1,
+            TaskKind::Evaluate => self.completed,
+        };
+        let task = Task {
+            kind,
+            round,
+            attempt: self.attempt,
+            id: task_id(kind, round, self.attempt),
+            selected: self.connected.clone(),
+        };
+        self.phase = if kind == TaskKind::Train { Phase::Training } else { Phase::Evaluating };
+        self.results.clear();
+        self.deadline = Some(now + self.cfg.round_timeout);
+        self.task = Some(task.clone());
+        vec![Action::Announce(task)]
+    }
+
+    /// Checks whether `site` may submit for `task_id` now (called before any bytes are accepted).
+    ///
+    /// # Errors
+    /// A [`Refusal`] saying why not.
+    pub fn check_submission(&self, site: &str, kind: TaskKind, task_id: &str) -> Result<(), Refusal> {
+        let current = self.describe_current();
+        let Some(task) = &self.task else {
+            return Err(Refusal::WrongPhase { phase: self.phase });
+        };
+        if task.id != task_id {
+            let newer = match (parse_task_id(task_id), parse_task_id(&task.id)) {
+                (Some((_, r, a)), Some((_, cr, ca))) => (r, a) > (cr, ca),
+                _ => false,
+            };
+            return Err(if newer {
+                Refusal::Future { submitted: task_id.to_string(), current }
+            } else {
+                Refusal::Stale { submitted: task_id.to_string(), current }
+            });
+        }
+        let open = matches!(
+            (self.phase, task.kind),
+            (Phase::Training, TaskKind::Train) | (Phase::Evaluating, TaskKind::Evaluate)
+        );
+        if task.kind != kind || !open {
+            return Err(Refusal::WrongPhase { phase: self.phase });
+        }
+        if !task.selected.contains(site) {
+            return Err(Refusal::NotSelected { task: task.id.clone() });
+        }
+        if self.results.contains_key(site) {
+            return Err(Refusal::Duplicate { task: task.id.clone() });
+        }
+        Ok(())
+    }
+
+    /// A site's answer passed every check and is stored (spooled): count it.
+    ///
+    /// # Errors
+    /// A [`Refusal`] if the task closed or the site answered meanwhile; the caller discards it.
+    pub fn submission_accepted(
+        &mut self,
+        site: &str,
+        kind: TaskKind,
+        task_id: &str,
+        result: SiteResult,
+        now: Instant,
+    ) -> Result<Vec<Action>, Refusal> {
+        self.check_submission(site, kind, task_id)?;
+        self.results.insert(site.to_string(), result);
+        Ok(self.try_close(now, false))
+    }
+
+    /// Time passed: close a task whose deadline has come.
+    pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+        match self.deadline {
+            Some(d) if now >= d => self.try_close(now, true),
+            _ => vec![],
+        }
+    }
+
+    fn try_close(&mut self, now: Instant, deadline_passed: bool) -> Vec<Action> {
+        let Some(task) = self.task.clone() else { return vec![] };
+        let pending: BTreeSet<&String> = task.selected.iter().filter(|s| !self.results.contains_key(*s)).collect();
+        let all_answered = pending.is_empty();
+        let rest_gone = pending.iter().all(|s| !self.connected.contains(*s));
+        let enough = self.results.len() >= self.cfg.min_sites.min(task.selected.len().max(1));
+        match task.kind {
+            TaskKind::Train => {
+                let enough = self.results.len() >= self.cfg.min_sites;
+                if all_answered || (rest_gone && enough) || deadline_passed {
+                    self.deadline = None;
+                    let failures: BTreeMap<String, String> = pending
+                        .iter()
+                        .map(|s| {
+                            let why = if self.connected.contains(*s) {
+                                "no update before the round deadline"
+                            } else {
+                                "disconnected"
+                            };
+                            ((*s).clone(), why.to_string())
+                        })
+                        .collect();
+                    if enough {
+                        self.phase = Phase::Aggregating;
+                        let results = std::mem::take(&mut self.results);
+                        return vec![Action::Aggregate { task, results, failures }];
+                    }
+                    if !deadline_passed {
+                        // Not enough answers yet and some selected sites are merely disconnected:
+                        // they may come back before the deadline.
+                        self.deadline = Some(self.deadline.unwrap_or(now));
+                        return vec![];
+                    }
+                    let reason = format!(
+                        "only {} of the {} sites needed answered before the deadline",
+                        self.results.len(),
+                        self.cfg.min_sites
+                    );
+                    self.results.clear();
+                    self.task = None;
+                    self.phase = Phase::WaitingForSites;
+                    let mut actions = vec![Action::Discard { task, reason }];
+                    actions.extend(self.try_start(TaskKind::Train, now));
+                    return actions;
+                }
+                vec![]
+            }
+            TaskKind::Evaluate => {
+                let _ = enough;
+                if all_answered || rest_gone || deadline_passed {
+                    self.deadline = None;
+                    let reported: BTreeSet<String> = self.results.keys().cloned().collect();
+                    let missing: BTreeSet<String> = pending.into_iter().cloned().collect();
+                    self.results.clear();
+                    let mut actions = vec![Action::EvaluationDone { task, reported, missing }];
+                    actions.extend(self.after_evaluation(now));
+                    return actions;
+                }
+                vec![]
+            }
+        }
+    }
+
+    fn after_evaluation(&mut self, now: Instant) -> Vec<Action> {
+        self.task = None;
+        if self.completed >= self.cfg.rounds {
+            self.phase = Phase::Finished;
+            return vec![Action::Finish { rounds_completed: self.completed }];
+        }
+        self.phase = Phase::WaitingForSites;
+        self.try_start(TaskKind::Train, now)
+    }
+
+    /// The aggregate of `round` is checkpointed and recorded. Starts what comes next.
+    pub fn round_committed(&mut self, round: u32, now: Instant) -> Vec<Action> {
+        self.completed = round;
+        self.task = None;
+        self.results.clear();
+        let last = self.completed >= self.cfg.rounds;
+        let k = self.cfg.evaluate_every;
+        if last || (k > 0 && self.completed % k == 0) {
+            self.phase = Phase::Evaluating;
+            return self.try_start(TaskKind::Evaluate, now);
+        }
+        self.phase = Phase::WaitingForSites;
+        self.try_start(TaskKind::Train, now)
+    }
+
+    /// Aggregation failed (for instance a spooled update vanished): the round is retried.
+    pub fn aggregation_failed(&mut self, now: Instant) -> Vec<Action> {
+        self.task = None;
+        self.results.clear();
+        self.phase = Phase::WaitingForSites;
+        self.try_start(TaskKind::Train, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(rounds: u32, min_sites: usize) -> CoordinatorConfig {
+        CoordinatorConfig { rounds, min_sites, round_timeout: Duration::from_secs(10), evaluate_every: 0 }
+    }
+    fn set(s: &[&str]) -> BTreeSet<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+    fn res(n: u64) -> SiteResult {
+        SiteResult { samples: n, metrics: vec![], bytes: 0 }
+    }
+    fn announced(a: &[Action]) -> Task {
+        a.iter()
+            .find_map(|x| if let Action::Announce(t) = x { Some(t.clone()) } else { None })
+            .expect("an announcement")
+    }
+
+    #[test]
+    fn waits_for_min_sites_then_trains_and_aggregates_in_fixed_order() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new(cfg(2, 2), 0);
+        assert!(c.sites_changed(set(&["b"]), t0).is_empty());
+        assert_eq!(c.phase(), Phase::WaitingForSites);
+        let t = announced(&c.sites_changed(set(&["a", "b"]), t0));
+        assert_eq!((t.round, t.id.as_str()), (1, "r1a1"));
+        assert!(c.submission_accepted("b", TaskKind::Train, "r1a1", res(5), t0).unwrap().is_empty());
+        let a = c.submission_accepted("a", TaskKind::Train, "r1a1", res(7), t0).unwrap();
+        match &a[..] {
+            [Action::Aggregate { results, failures, .. }] => {
+                assert_eq!(results.keys().collect::<Vec<_>>(), ["a", "b"]);
+                assert!(failures.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.phase(), Phase::Aggregating);
+        let t = announced(&c.round_committed(1, t0));
+        assert_eq!(t.id, "r2a2");
+    }
+
+    #[test]
+    fn refuses_stale_future_duplicate_unselected_and_wrong_kind() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new(cfg(5, 1), 0);
+        c.sites_changed(set(&["a", "b"]), t0);
+        c.submission_accepted("a", TaskKind::Train, "r1a1", res(1), t0).unwrap();
+        // b still pending: a duplicate from a is refused.
+        assert_eq!(c.check_submission("a", TaskKind::Train, "r1a1"), Err(Refusal::Duplicate { task: "r1a1".into() }));
+        assert!(matches!(c.check_submission("b", TaskKind::Train, "r0a9"), Err(Refusal::Stale { .. })));
+        assert!(matches!(c.check_submission("b", TaskKind::Train, "r2a2"), Err(Refusal::Future { .. })));
+        assert_eq!(c.check_submission("z", TaskKind::Train, "r1a1"), Err(Refusal::NotSelected { task: "r1a1".into() }));
+        assert!(matches!(c.check_submission("b", TaskKind::Evaluate, "r1a1"), Err(Refusal::WrongPhase { .. })));
+        assert!(c.check_submission("b", TaskKind::Train, "r1a1").is_ok());
+    }
+
+    #[test]
+    fn a_dropped_site_closes_the_round_early_when_quorum_allows() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new(cfg(3, 1), 0);
+        c.sites_changed(set(&["a", "b"]), t0);
+        c.submission_accepted("a", TaskKind::Train, "r1a1", res(1), t0).unwrap();
+        let a = c.sites_changed(set(&["a"]), t0);
+        match &a[..] {
+            [Action::Aggregate { results, failures, .. }] => {
+                assert_eq!(results.len(), 1);
+                assert_eq!(failures.get("b").map(String::as_str), Some("disconnected"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn below_quorum_at_the_deadline_the_round_is_retried() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new(cfg(3, 2), 0);
+        c.sites_changed(set(&["a", "b"]), t0);
+        c.submission_accepted("a", TaskKind::Train, "r1a1", res(1), t0).unwrap();
+        assert!(c.sites_changed(set(&["a"]), t0).is_empty(), "b may come back before the deadline");
+        assert!(c.tick(t0 + Duration::from_secs(5)).is_empty());
+        let a = c.tick(t0 + Duration::from_secs(11));
+        assert!(matches!(a[0], Action::Discard { .. }));
+        assert_eq!(a.len(), 1, "only one site connected: wait");
+        assert_eq!(c.phase(), Phase::WaitingForSites);
+        let t = announced(&c.sites_changed(set(&["a", "b"]), t0));
+        assert_eq!((t.round, t.attempt), (1, 2));
+        assert!(matches!(c.check_submission("a", TaskKind::Train, "r1a1"), Err(Refusal::Stale { .. })));
+    }
+
+    #[test]
+    fn evaluates_after_the_last_round_then_finishes() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new(cfg(1, 1), 0);
+        c.sites_changed(set(&["a"]), t0);
+        c.submission_accepted("a", TaskKind::Train, "r1a1", res(1), t0).unwrap();
+        let t = announced(&c.round_committed(1, t0));
+        assert_eq!((t.kind, t.id.as_str()), (TaskKind::Evaluate, "e1a2"));
+        let a = c.submission_accepted("a", TaskKind::Evaluate, "e1a2", res(1), t0).unwrap();
+        assert!(matches!(a[0], Action::EvaluationDone { .. }));
+        assert_eq!(a[1], Action::Finish { rounds_completed: 1 });
+        assert_eq!(c.phase(), Phase::Finished);
+    }
+
+    #[test]
+    fn resumes_after_committed_rounds() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new(cfg(4, 1), 2);
+        let t = announced(&c.sites_changed(set(&["a"]), t0));
+        assert_eq!(t.round, 3);
+        assert_eq!(Coordinator::new(cfg(4, 1), 4).phase(), Phase::Finished);
+        assert_eq!(parse_task_id("r12a3"), Some((TaskKind::Train, 12, 3)));
+        assert_eq!(parse_task_id("x"), None);
+    }
+}

@@ -1,0 +1,498 @@
+//! fedhcc-server: the aggregation server.
+//!
+//! - [`coordinator`]: the round state machine (pure, no IO).
+//! - [`strategy`]: aggregation rules (pure; FedAvg).
+//! - [`store`]: SQLite round records and atomic checkpoints.
+//! - [`service`]: the gRPC service (the only place errors become `tonic::Status`).
+//! - [`listener`]: TLS 1.3 accept loop with client-certificate and revocation checks.
+//! - [`run`]: wires them together; the caller binds the listener and owns shutdown.
+
+pub mod coordinator;
+pub mod listener;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod strategy;
+
+use coordinator::{Action, Coordinator, CoordinatorConfig, Phase, TaskKind};
+use fedhcc_core::config::{ServerConfig, StudyConfig};
+use fedhcc_core::params::{Layout, ParameterSet, decode_header};
+use fedhcc_proto as pb;
+use state::{Announcement, GlobalModel, Job, Shared, lock};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use store::{RoundRecord, Store};
+use strategy::{FedAvg, Strategy, StrategyError, UpdateSource};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A failure that stops the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] fedhcc_core::pki::PkiError),
+    #[error("the initial model does not match the checkpoints in the state folder: {0}")]
+    Model(String),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// How long shutdown waits for open connections and tasks.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What `run` needs besides the listener.
+pub struct ServerOptions {
+    pub config: ServerConfig,
+    pub study: StudyConfig,
+    /// The model every site starts from (used when the state folder has no committed round).
+    pub initial_model: ParameterSet,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    pub finished: bool,
+    pub rounds_completed: u32,
+    pub final_checkpoint: PathBuf,
+    pub final_sha256: String,
+}
+
+/// Runs the server on an already-bound listener until the run finishes (every round committed and
+/// evaluated, and the sites told) or `shutdown` is cancelled.
+///
+/// # Errors
+/// Unusable state folder, TLS files or checkpoints; never for a misbehaving site.
+pub async fn run(
+    listener: TcpListener,
+    opts: ServerOptions,
+    shutdown: CancellationToken,
+) -> Result<RunOutcome, ServerError> {
+    let ServerOptions { config, study, initial_model } = opts;
+    let tls = fedhcc_core::pki::server_config(&config.tls)?;
+    let state_dir = config.state_dir.clone();
+    std::fs::create_dir_all(&state_dir).map_err(|e| ServerError::Io(format!("{}: {e}", state_dir.display())))?;
+    let run_id = study.run_id.clone();
+    let store = Store::open(&state_dir, &run_id)?;
+    store.check_identity(&study.study_id, &initial_model.fingerprint().to_hex())?;
+
+    // Resume after the newest committed round whose checkpoint verifies.
+    let rounds = store.rounds()?;
+    let (completed, global) = match rounds.last() {
+        Some(last) => {
+            let path = PathBuf::from(&last.checkpoint);
+            let layout = verify_checkpoint(&store, &path, &last.checkpoint_sha256)?;
+            if layout.fingerprint() != initial_model.fingerprint() {
+                return Err(ServerError::Model(format!("checkpoint {} has another layout", path.display())));
+            }
+            tracing::info!(round = last.round, checkpoint = %path.display(), "resuming after the last committed round");
+            let bytes = layout.payload_len() as u64;
+            (last.round, GlobalModel { round: last.round, path, sha256: last.checkpoint_sha256.clone(), bytes, layout })
+        }
+        None => {
+            let (path, sha, bytes) = store.write_checkpoint(0, &initial_model)?;
+            let layout = initial_model.layout().clone();
+            (0, GlobalModel { round: 0, path, sha256: sha, bytes, layout })
+        }
+    };
+    drop(initial_model);
+    let spool_dir = state_dir.join("spool");
+    let _ = std::fs::remove_dir_all(&spool_dir);
+    std::fs::create_dir_all(&spool_dir).map_err(|e| ServerError::Io(format!("{}: {e}", spool_dir.display())))?;
+    write_effective_config(&state_dir, &config, &study);
+
+    let coord = Coordinator::new(
+        CoordinatorConfig {
+            rounds: study.federation.rounds,
+            min_sites: study.federation.min_sites,
+            round_timeout: Duration::from_secs(study.federation.round_timeout_s),
+            evaluate_every: study.federation.evaluate_every,
+        },
+        completed,
+    );
+    let already_finished = coord.phase() == Phase::Finished;
+    let (jobs_tx, jobs_rx) = mpsc::channel(64);
+    let inner = shutdown.child_token();
+    let (announce, _) = watch::channel(Announcement { task: None, finished: already_finished.then_some(completed) });
+    let shared = Arc::new(Shared {
+        allowed: config.allowed_sites.iter().cloned().collect(),
+        study,
+        coord: Mutex::new(coord),
+        global: RwLock::new(Some(Arc::new(global))),
+        announce,
+        sites: Mutex::new(BTreeMap::new()),
+        wake: Notify::new(),
+        jobs: jobs_tx,
+        spool_dir,
+        store: Arc::new(Mutex::new(store)),
+        bytes_in: Default::default(),
+        bytes_out: Default::default(),
+        task_started: Mutex::new(None),
+        shutdown: inner.clone(),
+        tracker: TaskTracker::new(),
+    });
+
+    let (conn_tx, conn_rx) = mpsc::channel(64);
+    let accept = {
+        let tracker = shared.tracker.clone();
+        let token = inner.clone();
+        let files = config.tls.clone();
+        shared.tracker.spawn(listener::accept_loop(listener, tls, files, conn_tx, token, tracker))
+    };
+    let driver = shared.tracker.spawn(drive(Arc::clone(&shared), jobs_rx, Box::new(FedAvg), config.keep_checkpoints));
+
+    let svc = service::FederationService { shared: Arc::clone(&shared) };
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(
+            pb::federation_server::FederationServer::new(svc)
+                .max_decoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::ReceiverStream::new(conn_rx),
+            inner.clone().cancelled_owned(),
+        );
+    tokio::pin!(server);
+    // Graceful shutdown waits for open connections; a peer that never closes its side must not
+    // keep the server alive, so it gets a few seconds.
+    let served = tokio::select! {
+        r = &mut server => r,
+        _ = async { inner.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+            Ok(())
+        }
+    };
+    inner.cancel();
+    shared.tracker.close();
+    let _ = accept.await;
+    let finished = driver.await.unwrap_or(false) || already_finished;
+    if tokio::time::timeout(SHUTDOWN_GRACE, shared.tracker.wait()).await.is_err() {
+        tracing::warn!("some connection tasks did not stop in time");
+    }
+    served?;
+    let g = shared.global();
+    let completed = lock(&shared.coord).completed_rounds();
+    Ok(RunOutcome {
+        finished,
+        rounds_completed: completed,
+        final_checkpoint: g.as_ref().map(|g| g.path.clone()).unwrap_or_default(),
+        final_sha256: g.map(|g| g.sha256.clone()).unwrap_or_default(),
+    })
+}
+
+fn write_effective_config(state_dir: &Path, config: &ServerConfig, study: &StudyConfig) {
+    #[derive(serde::Serialize)]
+    struct Effective<'a> {
+        server: &'a ServerConfig,
+        study: &'a StudyConfig,
+    }
+    match toml::to_string_pretty(&Effective { server: config, study }) {
+        Ok(text) => {
+            if let Err(e) =
+                fedhcc_core::pki::write_atomic(&state_dir.join("effective-config.toml"), text.as_bytes(), false)
+            {
+                tracing::warn!(error = %e, "could not write the effective configuration");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not serialise the effective configuration"),
+    }
+}
+
+fn verify_checkpoint(store: &Store, path: &Path, sha: &str) -> Result<Layout, ServerError> {
+    let bytes = store.read_checkpoint(path, sha)?;
+    let (layout, _) = decode_header(&bytes).map_err(|e| ServerError::Model(format!("{}: {e}", path.display())))?;
+    Ok(layout)
+}
+
+/// The round driver: runs aggregation, checkpoints and records off the request path, and closes
+/// tasks at their deadline. Returns whether the run finished.
+async fn drive(
+    shared: Arc<Shared>,
+    mut jobs: mpsc::Receiver<Job>,
+    mut strategy: Box<dyn Strategy>,
+    keep: usize,
+) -> bool {
+    let far = Duration::from_secs(3600);
+    loop {
+        let deadline = lock(&shared.coord).deadline();
+        let sleep_until = deadline.unwrap_or_else(|| Instant::now() + far);
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return false,
+            job = jobs.recv() => {
+                let Some(Job::Act(action)) = job else { return false };
+                if handle_action(&shared, action, &mut strategy, keep).await {
+                    // Give every site a moment to hear that the run is over, then stop.
+                    let grace = Instant::now() + Duration::from_secs(10);
+                    while Instant::now() < grace && !shared.connected_sites().is_empty() {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                            _ = shared.shutdown.cancelled() => break,
+                        }
+                    }
+                    shared.shutdown.cancel();
+                    return true;
+                }
+            }
+            _ = tokio::time::sleep_until(sleep_until.into()) => {
+                let actions = lock(&shared.coord).tick(Instant::now());
+                shared.apply(actions);
+            }
+            _ = shared.wake.notified() => {}
+        }
+    }
+}
+
+/// Carries out one driver action. Returns true when the run is finished.
+async fn handle_action(shared: &Arc<Shared>, action: Action, strategy: &mut Box<dyn Strategy>, keep: usize) -> bool {
+    match action {
+        Action::Announce(_) => false,
+        Action::Discard { task, reason } => {
+            tracing::warn!(task = %task.id, %reason, "round closed without enough updates; it will be retried");
+            let _ = tokio::fs::remove_dir_all(shared.spool_dir.join(&task.id)).await;
+            false
+        }
+        Action::EvaluationDone { task, reported, missing } => {
+            tracing::info!(task = %task.id, ?reported, ?missing, "evaluation closed");
+            false
+        }
+        Action::Finish { rounds_completed } => {
+            tracing::info!(rounds_completed, "run finished");
+            shared.announce.send_modify(|a| {
+                a.task = None;
+                a.finished = Some(rounds_completed);
+            });
+            true
+        }
+        Action::Aggregate { task, results, failures } => {
+            let span = tracing::info_span!("aggregate", round = task.round, task = %task.id);
+            let _e = span.enter();
+            let started = lock(&shared.task_started).unwrap_or_else(Instant::now);
+            let Some(global) = shared.global() else {
+                tracing::error!("no global model to aggregate into");
+                return false;
+            };
+            // Stop serving the old model: the round is closed, and memory stays at one model.
+            shared.set_global(None);
+            let spool = shared.spool_dir.join(&task.id);
+            let store = Arc::clone(&shared.store);
+            let (res_c, fail_c, task_c) = (results.clone(), failures.clone(), task.clone());
+            let mut strat = std::mem::replace(strategy, Box::new(FedAvg));
+            let joined = tokio::task::spawn_blocking(move || {
+                let r = aggregate_round(&store, &global, &spool, &task_c, &res_c, &fail_c, strat.as_mut());
+                (r, strat, global)
+            })
+            .await;
+            let (result, strat, old_global) = match joined {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(error = %e, "aggregation task failed");
+                    return false;
+                }
+            };
+            *strategy = strat;
+            let _ = tokio::fs::remove_dir_all(shared.spool_dir.join(&task.id)).await;
+            match result {
+                Ok((new_global, agg_s)) => {
+                    let record = RoundRecord {
+                        round: task.round,
+                        attempt: task.attempt,
+                        task_id: task.id.clone(),
+                        participants: results.keys().cloned().collect(),
+                        samples: results.values().map(|r| r.samples).collect(),
+                        losses: results
+                            .values()
+                            .map(|r| r.metrics.iter().find(|(n, _)| n == "train_loss").map(|(_, v)| *v))
+                            .collect(),
+                        failures: failures.into_iter().collect(),
+                        duration_s: started.elapsed().as_secs_f64(),
+                        aggregate_s: agg_s,
+                        bytes_in: shared.bytes_in.load(Ordering::Relaxed),
+                        bytes_out: shared.bytes_out.load(Ordering::Relaxed),
+                        checkpoint: new_global.path.display().to_string(),
+                        checkpoint_sha256: new_global.sha256.clone(),
+                        committed_unix: state::now_unix(),
+                    };
+                    let store = Arc::clone(&shared.store);
+                    let rec = record.clone();
+                    let committed = tokio::task::spawn_blocking(move || {
+                        let mut s = lock(&store);
+                        let r = s.commit_round(&rec);
+                        if r.is_ok() {
+                            s.prune_checkpoints(rec.round, keep);
+                        }
+                        r
+                    })
+                    .await;
+                    match committed {
+                        Ok(Ok(())) => {
+                            tracing::info!(
+                                participants = ?record.participants,
+                                duration_s = record.duration_s,
+                                aggregate_s = agg_s,
+                                bytes_in = record.bytes_in,
+                                "round committed"
+                            );
+                            shared.set_global(Some(Arc::new(new_global)));
+                            let actions = lock(&shared.coord).round_committed(task.round, Instant::now());
+                            shared.apply(actions);
+                        }
+                        other => {
+                            tracing::error!(result = ?other.map(|r| r.err()), "round could not be recorded; retrying it");
+                            shared.set_global(Some(old_global));
+                            let actions = lock(&shared.coord).aggregation_failed(Instant::now());
+                            shared.apply(actions);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "aggregation failed; the round is retried");
+                    shared.set_global(Some(old_global));
+                    let actions = lock(&shared.coord).aggregation_failed(Instant::now());
+                    shared.apply(actions);
+                }
+            }
+            false
+        }
+    }
+}
+
+/// A spooled update file, read back in blocks.
+struct SpoolFile {
+    site: String,
+    samples: u64,
+    path: PathBuf,
+}
+
+impl UpdateSource for SpoolFile {
+    fn site(&self) -> &str {
+        &self.site
+    }
+    fn samples(&self) -> u64 {
+        self.samples
+    }
+    fn read(&mut self, layout: &Layout, on_values: &mut dyn FnMut(usize, &[f32])) -> Result<(), StrategyError> {
+        let err = |m: String| StrategyError::Update { site: self.site.clone(), message: m };
+        let mut f = std::fs::File::open(&self.path).map_err(|e| err(format!("{}: {e}", self.path.display())))?;
+        let mut reader = fedhcc_core::params::PayloadReader::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(|e| err(format!("{}: {e}", self.path.display())))?;
+            if n == 0 {
+                break;
+            }
+            reader.push(&buf[..n], &mut *on_values)?;
+            if let Some(l) = reader.layout()
+                && l.fingerprint() != layout.fingerprint()
+            {
+                return Err(err("layout differs from the global model".into()));
+            }
+        }
+        reader.finish()?;
+        Ok(())
+    }
+}
+
+type AggregateResult = Result<(GlobalModel, f64), ServerError>;
+
+fn aggregate_round(
+    store: &Mutex<Store>,
+    global: &GlobalModel,
+    spool: &Path,
+    task: &coordinator::Task,
+    results: &BTreeMap<String, coordinator::SiteResult>,
+    failures: &BTreeMap<String, String>,
+    strategy: &mut dyn Strategy,
+) -> AggregateResult {
+    debug_assert_eq!(task.kind, TaskKind::Train);
+    let t0 = Instant::now();
+    let mut file =
+        std::fs::File::open(&global.path).map_err(|e| ServerError::Io(format!("{}: {e}", global.path.display())))?;
+    let params = ParameterSet::read_from(&mut std::io::BufReader::new(&mut file))
+        .map_err(|e| ServerError::Model(format!("{}: {e}", global.path.display())))?;
+    // Fixed order: BTreeMap iterates by site id.
+    let mut sources: Vec<SpoolFile> = results
+        .iter()
+        .map(|(site, r)| SpoolFile { site: site.clone(), samples: r.samples, path: spool.join(format!("{site}.upd")) })
+        .collect();
+    let mut refs: Vec<&mut dyn UpdateSource> = sources.iter_mut().map(|s| s as &mut dyn UpdateSource).collect();
+    let next = strategy.aggregate(params, &mut refs, failures).map_err(|e| ServerError::Model(e.to_string()))?;
+    let (path, sha, bytes) = lock(store).write_checkpoint(task.round, &next)?;
+    let layout = next.layout().clone();
+    Ok((GlobalModel { round: task.round, path, sha256: sha, bytes, layout }, t0.elapsed().as_secs_f64()))
+}
+
+/// The status view for the study lead.
+pub fn status_reply(shared: &Shared) -> pb::StatusReply {
+    let (phase, current, total, attempt, selected) = {
+        let c = lock(&shared.coord);
+        let t = c.current_task();
+        (
+            c.phase().as_str().to_string(),
+            c.current_round(),
+            c.total_rounds(),
+            t.map(|t| t.attempt).unwrap_or(0),
+            t.map(|t| t.selected.clone()).unwrap_or_default(),
+        )
+    };
+    let sites = {
+        let infos = lock(&shared.sites);
+        shared
+            .allowed
+            .iter()
+            .map(|s| {
+                let i = infos.get(s).cloned().unwrap_or_default();
+                pb::SiteStatus {
+                    site_id: s.clone(),
+                    connected: i.connections > 0,
+                    last_seen_unix: i.last_seen_unix,
+                    rounds_contributed: i.rounds_contributed,
+                    last_refusal: i.last_refusal,
+                    selected: selected.contains(s),
+                }
+            })
+            .collect()
+    };
+    let rounds = lock(&shared.store).rounds().unwrap_or_default();
+    let rounds = rounds
+        .into_iter()
+        .map(|r| {
+            let losses: Vec<f64> = r.losses.iter().flatten().copied().collect();
+            pb::RoundSummary {
+                round: r.round,
+                participants: r.participants,
+                total_samples: r.samples.iter().sum(),
+                mean_train_loss: if losses.is_empty() {
+                    f64::NAN
+                } else {
+                    losses.iter().sum::<f64>() / losses.len() as f64
+                },
+                duration_s: r.duration_s,
+                bytes_in: r.bytes_in,
+                bytes_out: r.bytes_out,
+                checkpoint_sha256: r.checkpoint_sha256,
+            }
+        })
+        .collect();
+    pb::StatusReply {
+        study_id: shared.study.study_id.clone(),
+        run_id: shared.study.run_id.clone(),
+        phase,
+        current_round: current,
+        total_rounds: total,
+        attempt,
+        sites,
+        rounds,
+        model_fingerprint: shared.global().map(|g| g.fingerprint().to_hex()).unwrap_or_default(),
+    }
+}

@@ -1,0 +1,559 @@
+//! The gRPC service. The only place where errors become `tonic::Status`, and (with the client's
+//! transport) the only place prost types meet the rest of the server.
+//!
+//! Every handler first establishes who is calling from the verified peer certificate, then checks
+//! the request against the coordinator before accepting any payload bytes. A refused request
+//! leaves the round, the model and the database as they were.
+
+use crate::coordinator::{Refusal, SiteResult, TaskKind, parse_task_id};
+use crate::state::{Shared, lock};
+use crate::store::EvaluationRecord;
+use fedhcc_core::params::{ParamsError, PayloadReader};
+use fedhcc_core::pki::{PeerIdentity, Role, peer_identity};
+use fedhcc_proto as pb;
+use fedhcc_proto::{MAX_CHUNK_BYTES, MAX_METRICS, MAX_STRING_LEN};
+use sha2::{Digest, Sha256};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// How often a waiting site hears from the server.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// Longest pause between two chunks of an upload.
+pub const CHUNK_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct FederationService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn refusal_status(r: &Refusal) -> Status {
+    let msg = r.to_string();
+    match r {
+        Refusal::Stale { .. } | Refusal::Future { .. } | Refusal::WrongPhase { .. } => Status::failed_precondition(msg),
+        Refusal::Duplicate { .. } => Status::already_exists(msg),
+        Refusal::NotSelected { .. } => Status::permission_denied(msg),
+    }
+}
+
+fn check_str(field: &str, s: &str) -> Result<(), Status> {
+    if s.len() > MAX_STRING_LEN {
+        return Err(Status::invalid_argument(format!("{field} is {} bytes long (at most {MAX_STRING_LEN})", s.len())));
+    }
+    Ok(())
+}
+
+impl FederationService {
+    /// The caller's identity from its verified certificate.
+    fn identity<T>(&self, req: &Request<T>) -> Result<PeerIdentity, Status> {
+        let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
+        let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
+        let id = peer_identity(leaf).map_err(|e| Status::permission_denied(e.to_string()))?;
+        if id.study != self.shared.study.study_id {
+            return Err(Status::permission_denied(format!(
+                "certificate is for study '{}', this server runs study '{}'",
+                id.study, self.shared.study.study_id
+            )));
+        }
+        Ok(id)
+    }
+
+    /// The calling site's id, if it is a site on the allow-list.
+    fn site<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let id = self.identity(req)?;
+        if id.role != Role::Site {
+            return Err(Status::permission_denied(format!("certificate '{}' is not a site certificate", id.name)));
+        }
+        if !self.shared.allowed.contains(&id.name) {
+            tracing::warn!(site = %id.name, "refused: site not on the allow-list");
+            return Err(Status::permission_denied(format!("site '{}' is not on this study's allow-list", id.name)));
+        }
+        self.shared.touch(&id.name);
+        Ok(id.name)
+    }
+
+    fn check_task_ref(&self, t: Option<&pb::TaskRef>) -> Result<pb::TaskRef, Status> {
+        let t = t.ok_or_else(|| Status::invalid_argument("the request names no task"))?;
+        for (f, s) in [("study_id", &t.study_id), ("run_id", &t.run_id), ("task_id", &t.task_id)] {
+            check_str(f, s)?;
+        }
+        if t.study_id != self.shared.study.study_id || t.run_id != self.shared.study.run_id {
+            return Err(Status::failed_precondition(format!(
+                "the request is for study '{}' run '{}', this server runs study '{}' run '{}'",
+                t.study_id, t.run_id, self.shared.study.study_id, self.shared.study.run_id
+            )));
+        }
+        let Some((_, round, _)) = parse_task_id(&t.task_id) else {
+            return Err(Status::invalid_argument(format!("'{}' is not a task id", t.task_id)));
+        };
+        if round != t.round {
+            return Err(Status::invalid_argument(format!("task {} is not of round {}", t.task_id, t.round)));
+        }
+        Ok(t.clone())
+    }
+
+    fn refuse(&self, site: &str, status: Status) -> Status {
+        tracing::warn!(site, code = ?status.code(), reason = status.message(), "request refused");
+        self.shared.note_refusal(site, status.message());
+        status
+    }
+
+    fn task_event(&self, site: &str) -> Option<(String, pb::TaskEvent)> {
+        let ann = self.shared.announce.borrow().clone();
+        if let Some(rounds) = ann.finished {
+            let sha = self.shared.global().map(|g| g.sha256.clone()).unwrap_or_default();
+            let ev = pb::task_event::Event::Finished(pb::RunFinished {
+                run_id: self.shared.study.run_id.clone(),
+                rounds_completed: rounds,
+                final_model_sha256: sha,
+            });
+            return Some(("finished".into(), pb::TaskEvent { event: Some(ev) }));
+        }
+        let task = ann.task?;
+        if !task.selected.contains(site) || lock(&self.shared.coord).answered().any(|s| s == site) {
+            return None;
+        }
+        let g = self.shared.global()?;
+        let tref = pb::TaskRef {
+            study_id: self.shared.study.study_id.clone(),
+            run_id: self.shared.study.run_id.clone(),
+            round: task.round,
+            task_id: task.id.clone(),
+        };
+        let t = &self.shared.study.training;
+        let ev = match task.kind {
+            TaskKind::Train => pb::task_event::Event::Train(pb::TrainTask {
+                task: Some(tref),
+                model_fingerprint: g.fingerprint().to_hex(),
+                model_bytes: g.bytes,
+                model_sha256: g.sha256.clone(),
+                local_epochs: t.local_epochs,
+                batch_size: t.batch_size,
+                learning_rate: t.learning_rate,
+                weight_decay: t.weight_decay,
+                prox_mu: t.prox_mu,
+                seed: t.seed.wrapping_add(u64::from(task.round)),
+                total_rounds: self.shared.study.federation.rounds,
+            }),
+            TaskKind::Evaluate => pb::task_event::Event::Evaluate(pb::EvaluateTask {
+                task: Some(tref),
+                model_fingerprint: g.fingerprint().to_hex(),
+                model_bytes: g.bytes,
+                model_sha256: g.sha256.clone(),
+                split: "test".into(),
+            }),
+        };
+        Some((task.id, pb::TaskEvent { event: Some(ev) }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::federation_server::Federation for FederationService {
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let site = self.site(&req)?;
+        let r = req.into_inner();
+        check_str("study_id", &r.study_id)?;
+        check_str("model_fingerprint", &r.model_fingerprint)?;
+        if r.study_id != self.shared.study.study_id {
+            return Err(self.refuse(
+                &site,
+                Status::failed_precondition(format!(
+                    "this site is configured for study '{}', the server runs '{}'",
+                    r.study_id, self.shared.study.study_id
+                )),
+            ));
+        }
+        let g = self.shared.global();
+        let fp = g.as_ref().map(|g| g.fingerprint().to_hex()).unwrap_or_default();
+        if !r.model_fingerprint.is_empty() && !fp.is_empty() && r.model_fingerprint != fp {
+            return Err(self.refuse(
+                &site,
+                Status::failed_precondition(format!(
+                    "this site's model layout {} differs from the study model {}: check that the site uses the same study configuration",
+                    &r.model_fingerprint[..r.model_fingerprint.len().min(12)],
+                    &fp[..12]
+                )),
+            ));
+        }
+        let coord = lock(&self.shared.coord);
+        tracing::info!(site, "site joined");
+        Ok(Response::new(pb::JoinReply {
+            study_id: self.shared.study.study_id.clone(),
+            run_id: self.shared.study.run_id.clone(),
+            current_round: coord.current_round(),
+            total_rounds: coord.total_rounds(),
+            model_fingerprint: fp,
+            server_version: fedhcc_proto::PROTOCOL_VERSION.into(),
+        }))
+    }
+
+    type WaitTaskStream = BoxStream<pb::TaskEvent>;
+
+    async fn wait_task(&self, req: Request<pb::WaitTaskRequest>) -> Result<Response<Self::WaitTaskStream>, Status> {
+        let site = self.site(&req)?;
+        let r = req.into_inner();
+        if r.study_id != self.shared.study.study_id || r.run_id != self.shared.study.run_id {
+            return Err(self.refuse(
+                &site,
+                Status::failed_precondition(format!(
+                    "waiting for study '{}' run '{}', the server runs study '{}' run '{}'",
+                    r.study_id, r.run_id, self.shared.study.study_id, self.shared.study.run_id
+                )),
+            ));
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let guard = self.shared.connect(&site);
+        let svc = self.clone();
+        let mut ann_rx = self.shared.announce.subscribe();
+        let shutdown = self.shared.shutdown.clone();
+        self.shared.tracker.spawn(async move {
+            let _guard = guard;
+            let mut last_sent: Option<String> = None;
+            let mut heartbeat = tokio::time::interval(HEARTBEAT);
+            heartbeat.tick().await;
+            loop {
+                ann_rx.borrow_and_update();
+                if let Some((id, ev)) = svc.task_event(&site)
+                    && last_sent.as_deref() != Some(id.as_str())
+                {
+                    if tx.send(Ok(ev)).await.is_err() {
+                        break;
+                    }
+                    last_sent = Some(id);
+                }
+                tokio::select! {
+                    changed = ann_rx.changed() => if changed.is_err() { break },
+                    _ = heartbeat.tick() => {
+                        let (round, phase) = {
+                            let c = lock(&svc.shared.coord);
+                            (c.current_round(), c.phase().as_str().to_string())
+                        };
+                        let hb = pb::TaskEvent { event: Some(pb::task_event::Event::Heartbeat(pb::Heartbeat { round, phase })) };
+                        if tx.send(Ok(hb)).await.is_err() { break }
+                    }
+                    _ = tx.closed() => break,
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type DownloadModelStream = BoxStream<pb::ModelPart>;
+
+    async fn download_model(&self, req: Request<pb::TaskRef>) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let site = self.site(&req)?;
+        let t = self.check_task_ref(Some(req.get_ref())).map_err(|s| self.refuse(&site, s))?;
+        let kind = parse_task_id(&t.task_id).map(|k| k.0).unwrap_or(TaskKind::Train);
+        {
+            let coord = lock(&self.shared.coord);
+            match coord.current_task() {
+                Some(task) if task.id == t.task_id => {
+                    if !task.selected.contains(&site) {
+                        return Err(self.refuse(&site, refusal_status(&Refusal::NotSelected { task: task.id.clone() })));
+                    }
+                }
+                _ => {
+                    drop(coord);
+                    let r = lock(&self.shared.coord).check_submission(&site, kind, &t.task_id).err();
+                    let status =
+                        r.map(|r| refusal_status(&r)).unwrap_or_else(|| Status::failed_precondition("no such task"));
+                    return Err(self.refuse(&site, status));
+                }
+            }
+        }
+        let g = self
+            .shared
+            .global()
+            .ok_or_else(|| Status::unavailable("the global model is being aggregated; try again shortly"))?;
+        let mut file = tokio::fs::File::open(&g.path).await.map_err(|e| {
+            tracing::error!(path = %g.path.display(), error = %e, "cannot open the global model checkpoint");
+            Status::internal("the server cannot read its global model; the study lead has been told in the server log")
+        })?;
+        let (tx, rx) = mpsc::channel(4);
+        let chunks = g.bytes.div_ceil(MAX_CHUNK_BYTES as u64) as u32;
+        let header = pb::ModelPart {
+            part: Some(pb::model_part::Part::Header(pb::ModelHeader {
+                model_fingerprint: g.fingerprint().to_hex(),
+                total_bytes: g.bytes,
+                sha256: g.sha256.clone(),
+                chunks,
+            })),
+        };
+        let shared = Arc::clone(&self.shared);
+        self.shared.tracker.spawn(async move {
+            if tx.send(Ok(header)).await.is_err() {
+                return;
+            }
+            let mut left = g.bytes as usize;
+            while left > 0 {
+                let n = left.min(MAX_CHUNK_BYTES);
+                let mut buf = vec![0u8; n];
+                if let Err(e) = file.read_exact(&mut buf).await {
+                    tracing::error!(path = %g.path.display(), error = %e, "global model checkpoint read failed");
+                    let _ = tx.send(Err(Status::internal("the server could not read its global model"))).await;
+                    return;
+                }
+                left -= n;
+                shared.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                if tx.send(Ok(pb::ModelPart { part: Some(pb::model_part::Part::Chunk(buf.into())) })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn upload_update(
+        &self,
+        req: Request<Streaming<pb::UploadPart>>,
+    ) -> Result<Response<pb::UploadReply>, Status> {
+        let site = self.site(&req)?;
+        let mut stream = req.into_inner();
+        let result = self.receive_update(&site, &mut stream).await;
+        result.map_err(|s| self.refuse(&site, s)).map(Response::new)
+    }
+
+    async fn report_evaluation(&self, req: Request<pb::EvaluationReport>) -> Result<Response<pb::Ack>, Status> {
+        let site = self.site(&req)?;
+        let r = req.into_inner();
+        let t = self.check_task_ref(r.task.as_ref()).map_err(|s| self.refuse(&site, s))?;
+        let metrics = check_metrics(&r.metrics).map_err(|s| self.refuse(&site, s))?;
+        lock(&self.shared.coord)
+            .check_submission(&site, TaskKind::Evaluate, &t.task_id)
+            .map_err(|r| self.refuse(&site, refusal_status(&r)))?;
+        let rec = EvaluationRecord {
+            round: t.round,
+            task_id: t.task_id.clone(),
+            site: site.clone(),
+            samples: r.num_samples,
+            metrics: metrics.clone(),
+        };
+        let store = Arc::clone(&self.shared.store);
+        let actions = {
+            let mut coord = lock(&self.shared.coord);
+            let res = SiteResult { samples: r.num_samples, metrics, bytes: 0 };
+            let actions = coord
+                .submission_accepted(&site, TaskKind::Evaluate, &t.task_id, res, Instant::now())
+                .map_err(|r| self.refuse(&site, refusal_status(&r)))?;
+            // Recorded while the coordinator is locked so a report is stored iff it was counted.
+            if let Err(e) = lock(&store).record_evaluation(&rec) {
+                tracing::error!(error = %e, "evaluation could not be recorded");
+            }
+            actions
+        };
+        tracing::info!(site, task = %t.task_id, n = r.num_samples, "evaluation received");
+        self.shared.apply(actions);
+        Ok(Response::new(pb::Ack { message: format!("evaluation for {} recorded", t.task_id) }))
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let id = self.identity(&req)?;
+        if id.role != Role::Admin {
+            tracing::warn!(peer = %id.name, "refused: status needs an admin certificate");
+            return Err(Status::permission_denied(format!(
+                "'{}' holds a {} certificate; status needs the study lead's admin certificate",
+                id.name,
+                match id.role {
+                    Role::Site => "site",
+                    Role::Server => "server",
+                    Role::Admin => "admin",
+                }
+            )));
+        }
+        Ok(Response::new(crate::status_reply(&self.shared)))
+    }
+}
+
+fn check_metrics(ms: &[pb::Metric]) -> Result<Vec<(String, f64)>, Status> {
+    if ms.len() > MAX_METRICS {
+        return Err(Status::invalid_argument(format!("{} metrics (at most {MAX_METRICS})", ms.len())));
+    }
+    ms.iter()
+        .map(|m| {
+            check_str("metric name", &m.name)?;
+            if !m.value.is_finite() {
+                return Err(Status::invalid_argument(format!("metric '{}' is not a finite number", m.name)));
+            }
+            Ok((m.name.clone(), m.value))
+        })
+        .collect()
+}
+
+impl FederationService {
+    async fn receive_update(
+        &self,
+        site: &str,
+        stream: &mut Streaming<pb::UploadPart>,
+    ) -> Result<pb::UploadReply, Status> {
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("the upload is empty"))?;
+        let Some(pb::upload_part::Part::Header(h)) = first.part else {
+            return Err(Status::invalid_argument("an upload must start with its header"));
+        };
+        let t = self.check_task_ref(h.task.as_ref())?;
+        check_str("model_fingerprint", &h.model_fingerprint)?;
+        check_str("sha256", &h.sha256)?;
+        let metrics = check_metrics(&h.metrics)?;
+        lock(&self.shared.coord).check_submission(site, TaskKind::Train, &t.task_id).map_err(|r| refusal_status(&r))?;
+        let g = self
+            .shared
+            .global()
+            .ok_or_else(|| Status::unavailable("the server is aggregating; the round has closed"))?;
+        if h.model_fingerprint != g.fingerprint().to_hex() {
+            return Err(Status::failed_precondition(format!(
+                "update layout {} does not match the study model {}",
+                &h.model_fingerprint[..h.model_fingerprint.len().min(12)],
+                g.fingerprint().short()
+            )));
+        }
+        let expected = g.layout.payload_len() as u64;
+        if h.total_bytes != expected {
+            return Err(Status::invalid_argument(format!(
+                "update declares {} bytes; a model of this layout is {expected} bytes",
+                h.total_bytes
+            )));
+        }
+        let want_chunks = expected.div_ceil(MAX_CHUNK_BYTES as u64);
+        if u64::from(h.chunks) != want_chunks {
+            return Err(Status::invalid_argument(format!(
+                "update declares {} chunks; {expected} bytes travel in {want_chunks} chunks of at most {MAX_CHUNK_BYTES} bytes",
+                h.chunks
+            )));
+        }
+        if h.sha256.len() != 64 || !h.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument("sha256 must be 64 hexadecimal digits"));
+        }
+        if h.num_samples == 0 || h.num_samples > 1_000_000_000 {
+            return Err(Status::invalid_argument(format!("num_samples = {} (1 to 1e9 allowed)", h.num_samples)));
+        }
+
+        let dir = self.shared.spool_dir.join(&t.task_id);
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| spool_error(&dir, e))?;
+        let part = dir.join(format!("{site}.{}.part", uuid_like()));
+        let fin = dir.join(format!("{site}.upd"));
+        let received = self.spool(stream, &part, &g.layout, &h, want_chunks).await;
+        let bytes = match received {
+            Ok(b) => b,
+            Err(s) => {
+                let _ = tokio::fs::remove_file(&part).await;
+                return Err(s);
+            }
+        };
+        let res = SiteResult { samples: h.num_samples, metrics, bytes };
+        let actions = {
+            let mut coord = lock(&self.shared.coord);
+            // Re-checked under the lock: the task may have closed, or a parallel duplicate won.
+            if let Err(r) = coord.check_submission(site, TaskKind::Train, &t.task_id) {
+                drop(coord);
+                let _ = std::fs::remove_file(&part);
+                return Err(refusal_status(&r));
+            }
+            if let Err(e) = std::fs::rename(&part, &fin) {
+                drop(coord);
+                let _ = std::fs::remove_file(&part);
+                return Err(spool_error(&fin, e));
+            }
+            coord
+                .submission_accepted(site, TaskKind::Train, &t.task_id, res, Instant::now())
+                .map_err(|r| refusal_status(&r))?
+        };
+        self.shared.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(info) = lock(&self.shared.sites).get_mut(site) {
+            info.rounds_contributed += 1;
+        }
+        tracing::info!(site, task = %t.task_id, bytes, samples = h.num_samples, "update accepted");
+        self.shared.apply(actions);
+        Ok(pb::UploadReply { accepted: true, message: format!("update for {} accepted", t.task_id) })
+    }
+
+    /// Receives the chunks into `part`, checking size limits, finiteness and the hash as they come.
+    async fn spool(
+        &self,
+        stream: &mut Streaming<pb::UploadPart>,
+        part: &std::path::Path,
+        layout: &fedhcc_core::params::Layout,
+        h: &pb::UpdateHeader,
+        want_chunks: u64,
+    ) -> Result<u64, Status> {
+        let mut file = tokio::fs::File::create(part).await.map_err(|e| spool_error(part, e))?;
+        let mut hasher = Sha256::new();
+        let mut reader = PayloadReader::new();
+        let mut chunks = 0u64;
+        let mut bytes = 0u64;
+        loop {
+            let msg = tokio::time::timeout(CHUNK_IDLE_TIMEOUT, stream.message()).await.map_err(|_| {
+                Status::deadline_exceeded(format!("no chunk for {} s; upload abandoned", CHUNK_IDLE_TIMEOUT.as_secs()))
+            })??;
+            let Some(msg) = msg else { break };
+            let Some(pb::upload_part::Part::Chunk(chunk)) = msg.part else {
+                return Err(Status::invalid_argument("a second header arrived inside the upload"));
+            };
+            chunks += 1;
+            if chunks > want_chunks {
+                return Err(Status::invalid_argument(format!("more chunks than the {want_chunks} declared")));
+            }
+            if chunk.is_empty() || chunk.len() > MAX_CHUNK_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "chunk {chunks} is {} bytes (1 to {MAX_CHUNK_BYTES} allowed)",
+                    chunk.len()
+                )));
+            }
+            bytes += chunk.len() as u64;
+            if bytes > h.total_bytes {
+                return Err(Status::invalid_argument(format!("more bytes than the {} declared", h.total_bytes)));
+            }
+            hasher.update(&chunk);
+            reader.push(&chunk, |_, _| {}).map_err(|e| payload_status(&e))?;
+            if let Some(l) = reader.layout()
+                && l.fingerprint() != layout.fingerprint()
+            {
+                return Err(Status::failed_precondition(format!(
+                    "the payload's layout {} does not match the study model {}",
+                    l.fingerprint(),
+                    layout.fingerprint()
+                )));
+            }
+            file.write_all(&chunk).await.map_err(|e| spool_error(part, e))?;
+        }
+        if bytes != h.total_bytes || chunks != want_chunks {
+            return Err(Status::invalid_argument(format!(
+                "upload ended after {bytes} of {} bytes ({chunks} of {want_chunks} chunks)",
+                h.total_bytes
+            )));
+        }
+        reader.finish().map_err(|e| payload_status(&e))?;
+        let got = hex::encode(hasher.finalize());
+        if !got.eq_ignore_ascii_case(&h.sha256) {
+            return Err(Status::data_loss(format!(
+                "SHA-256 of the received update is {got}, the header declared {}; nothing was stored",
+                h.sha256
+            )));
+        }
+        file.flush().await.map_err(|e| spool_error(part, e))?;
+        Ok(bytes)
+    }
+}
+
+fn payload_status(e: &ParamsError) -> Status {
+    Status::invalid_argument(format!("the update is not acceptable: {e}"))
+}
+
+fn spool_error(path: &std::path::Path, e: std::io::Error) -> Status {
+    tracing::error!(path = %path.display(), error = %e, "spool write failed");
+    Status::internal("the server could not store the update; the study lead has been told in the server log")
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}

@@ -1,0 +1,190 @@
+//! State shared by the gRPC service, the round driver and the listener: the coordinator behind a
+//! std mutex (never held across `.await`), the current global model, the announcement channel that
+//! wakes every waiting site, and the connection registry.
+
+use crate::coordinator::{Action, Coordinator, Task};
+use crate::store::Store;
+use fedhcc_core::config::StudyConfig;
+use fedhcc_core::params::{Fingerprint, Layout};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The global model as served to sites: a checkpoint file on disk (never a second copy in memory).
+#[derive(Clone, Debug)]
+pub struct GlobalModel {
+    /// The committed round it comes from (0 = initial model).
+    pub round: u32,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+    pub layout: Layout,
+}
+
+impl GlobalModel {
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.layout.fingerprint()
+    }
+}
+
+/// What every `WaitTask` stream watches.
+#[derive(Clone, Debug, Default)]
+pub struct Announcement {
+    pub task: Option<Task>,
+    pub finished: Option<u32>,
+}
+
+/// Work for the round driver (IO that must not run inside a request handler).
+#[derive(Debug)]
+pub enum Job {
+    Act(Action),
+}
+
+/// Per-site facts for the status view.
+#[derive(Clone, Debug, Default)]
+pub struct SiteInfo {
+    pub connections: usize,
+    pub last_seen_unix: i64,
+    pub rounds_contributed: u32,
+    pub last_refusal: String,
+}
+
+/// Everything the server's tasks share. Each field says who writes it.
+pub struct Shared {
+    pub study: StudyConfig,
+    /// Site ids that may join (read-only after start).
+    pub allowed: BTreeSet<String>,
+    /// Written by handlers (submissions, connections) and the driver (ticks, commits).
+    pub coord: Mutex<Coordinator>,
+    /// Written by the driver only, after a checkpoint is durable. `None` while aggregating.
+    pub global: RwLock<Option<Arc<GlobalModel>>>,
+    /// Sender held here; every `WaitTask` forwarder holds a receiver.
+    pub announce: watch::Sender<Announcement>,
+    /// Written by `WaitTask` connection guards and handlers.
+    pub sites: Mutex<BTreeMap<String, SiteInfo>>,
+    /// Wakes the driver when the coordinator's deadline may have changed.
+    pub wake: Notify,
+    /// Sender of the driver's job queue; the driver holds the receiver.
+    pub jobs: mpsc::Sender<Job>,
+    /// Spooled updates: `spool/<task>/<site>.upd`.
+    pub spool_dir: PathBuf,
+    /// Used from `spawn_blocking` and short handler sections only.
+    pub store: Arc<Mutex<Store>>,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub task_started: Mutex<Option<Instant>>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Locks a std mutex, recovering the data if a panicking thread poisoned it (the state machine's
+/// invariants hold between calls, so the data is still consistent).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    /// The current global model, if one is being served.
+    pub fn global(&self) -> Option<Arc<GlobalModel>> {
+        self.global.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub fn set_global(&self, g: Option<Arc<GlobalModel>>) {
+        *self.global.write().unwrap_or_else(std::sync::PoisonError::into_inner) = g;
+    }
+
+    /// Carries out the coordinator's actions: announcements at once, the rest on the driver.
+    pub fn apply(&self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Announce(task) => {
+                    tracing::info!(task = %task.id, round = task.round, sites = ?task.selected, "task announced");
+                    self.bytes_in.store(0, Ordering::Relaxed);
+                    self.bytes_out.store(0, Ordering::Relaxed);
+                    *lock(&self.task_started) = Some(Instant::now());
+                    self.announce.send_modify(|an| an.task = Some(task));
+                }
+                other => {
+                    if let Err(e) = self.jobs.try_send(Job::Act(other)) {
+                        tracing::error!(error = %e, "round driver queue is full; action dropped");
+                    }
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Connected and allowed sites.
+    pub fn connected_sites(&self) -> BTreeSet<String> {
+        lock(&self.sites)
+            .iter()
+            .filter(|(s, i)| i.connections > 0 && self.allowed.contains(*s))
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+
+    /// Notes a new `WaitTask` connection of `site`; the returned guard notes its end.
+    pub fn connect(self: &Arc<Self>, site: &str) -> ConnectionGuard {
+        let first = {
+            let mut sites = lock(&self.sites);
+            let info = sites.entry(site.to_string()).or_default();
+            info.connections += 1;
+            info.last_seen_unix = now_unix();
+            info.connections == 1
+        };
+        if first {
+            tracing::info!(site, "site connected");
+            self.sites_changed();
+        }
+        ConnectionGuard { shared: Arc::clone(self), site: site.to_string() }
+    }
+
+    fn sites_changed(&self) {
+        let connected = self.connected_sites();
+        let actions = lock(&self.coord).sites_changed(connected, Instant::now());
+        self.apply(actions);
+    }
+
+    /// Remembers the last refusal of a site for the status view (in memory only: a refused request
+    /// changes nothing durable).
+    pub fn note_refusal(&self, site: &str, why: &str) {
+        let mut sites = lock(&self.sites);
+        let info = sites.entry(site.to_string()).or_default();
+        info.last_refusal = why.chars().take(200).collect();
+    }
+
+    pub fn touch(&self, site: &str) {
+        lock(&self.sites).entry(site.to_string()).or_default().last_seen_unix = now_unix();
+    }
+}
+
+/// Held by a `WaitTask` forwarder for as long as the site's stream is open.
+pub struct ConnectionGuard {
+    shared: Arc<Shared>,
+    site: String,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let last = {
+            let mut sites = lock(&self.shared.sites);
+            let info = sites.entry(self.site.clone()).or_default();
+            info.connections = info.connections.saturating_sub(1);
+            info.last_seen_unix = now_unix();
+            info.connections == 0
+        };
+        if last {
+            tracing::info!(site = %self.site, "site disconnected");
+            self.shared.sites_changed();
+        }
+    }
+}
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}

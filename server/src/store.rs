@@ -1,0 +1,319 @@
+//! Durable server state: an embedded SQLite database (round records, evaluations, run identity)
+//! and the checkpoint files it points to.
+//!
+//! Invariant: a round exists in the `rounds` table only once its checkpoint file is fully written,
+//! fsynced and renamed into place, and its SHA-256 is recorded with it. On restart the server
+//! resumes from the newest round whose checkpoint verifies.
+
+use fedhcc_core::params::{ParameterSet, sha256_hex};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A failure of the database or checkpoint files.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Db { path: PathBuf, source: rusqlite::Error },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+/// What is recorded for every committed round.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RoundRecord {
+    pub round: u32,
+    pub attempt: u32,
+    pub task_id: String,
+    pub participants: Vec<String>,
+    pub samples: Vec<u64>,
+    /// Mean training loss reported by each participant (same order), NaN-free.
+    pub losses: Vec<Option<f64>>,
+    pub failures: Vec<(String, String)>,
+    pub duration_s: f64,
+    pub aggregate_s: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub checkpoint: String,
+    pub checkpoint_sha256: String,
+    pub committed_unix: i64,
+}
+
+/// One site's evaluation report (aggregate metrics).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvaluationRecord {
+    pub round: u32,
+    pub task_id: String,
+    pub site: String,
+    pub samples: u64,
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// The server's database and checkpoint directory.
+pub struct Store {
+    conn: Connection,
+    db_path: PathBuf,
+    checkpoints: PathBuf,
+    run_id: String,
+}
+
+impl Store {
+    /// Opens (creating if needed) `state_dir/server.db` and `state_dir/checkpoints/`.
+    ///
+    /// # Errors
+    /// The folder or database cannot be created or opened.
+    pub fn open(state_dir: &Path, run_id: &str) -> Result<Self, StoreError> {
+        let checkpoints = state_dir.join("checkpoints");
+        fs::create_dir_all(&checkpoints).map_err(|source| StoreError::Io { path: checkpoints.clone(), source })?;
+        let db_path = state_dir.join("server.db");
+        let db = |source| StoreError::Db { path: db_path.clone(), source };
+        let conn = Connection::open(&db_path).map_err(db)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=FULL;
+             PRAGMA foreign_keys=ON;
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS rounds (
+                run_id TEXT NOT NULL, round INTEGER NOT NULL, record TEXT NOT NULL,
+                checkpoint TEXT NOT NULL, checkpoint_sha256 TEXT NOT NULL,
+                PRIMARY KEY (run_id, round));
+             CREATE TABLE IF NOT EXISTS evaluations (
+                run_id TEXT NOT NULL, round INTEGER NOT NULL, site TEXT NOT NULL, task_id TEXT NOT NULL,
+                record TEXT NOT NULL, PRIMARY KEY (run_id, round, site));",
+        )
+        .map_err(|source| StoreError::Db { path: db_path.clone(), source })?;
+        Ok(Self { conn, db_path, checkpoints, run_id: run_id.to_string() })
+    }
+
+    fn db(&self) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Db { path: self.db_path.clone(), source }
+    }
+
+    /// Records the run's identity the first time and checks it on every later start, so a state
+    /// folder is never silently reused for another study or model.
+    ///
+    /// # Errors
+    /// The folder holds another study, run or model layout.
+    pub fn check_identity(&self, study: &str, fingerprint: &str) -> Result<(), StoreError> {
+        for (key, want) in [("study_id", study), (&format!("fingerprint:{}", self.run_id)[..], fingerprint)] {
+            let have: Option<String> = self
+                .conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
+                .optional()
+                .map_err(self.db())?;
+            match have {
+                None => {
+                    self.conn
+                        .execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![key, want])
+                        .map_err(self.db())?;
+                }
+                Some(h) if h == want => {}
+                Some(h) => {
+                    return Err(StoreError::Inconsistent(format!(
+                        "{} belongs to {key} = {h}, but this configuration has {want}; use another state_dir or run_id",
+                        self.db_path.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Committed rounds of this run, oldest first.
+    ///
+    /// # Errors
+    /// Database failure or an unreadable record.
+    pub fn rounds(&self) -> Result<Vec<RoundRecord>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT record FROM rounds WHERE run_id = ?1 ORDER BY round").map_err(self.db())?;
+        let rows = stmt
+            .query_map(params![self.run_id], |r| r.get::<_, String>(0))
+            .map_err(self.db())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.db())?;
+        rows.iter()
+            .map(|t| serde_json::from_str(t).map_err(|e| StoreError::Inconsistent(format!("round record: {e}"))))
+            .collect()
+    }
+
+    /// Evaluation reports of this run.
+    ///
+    /// # Errors
+    /// Database failure or an unreadable record.
+    pub fn evaluations(&self) -> Result<Vec<EvaluationRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT record FROM evaluations WHERE run_id = ?1 ORDER BY round, site")
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map(params![self.run_id], |r| r.get::<_, String>(0))
+            .map_err(self.db())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.db())?;
+        rows.iter()
+            .map(|t| serde_json::from_str(t).map_err(|e| StoreError::Inconsistent(format!("evaluation record: {e}"))))
+            .collect()
+    }
+
+    /// Path of the checkpoint file for `round`.
+    pub fn checkpoint_path(&self, round: u32) -> PathBuf {
+        self.checkpoints.join(format!("{}-round-{round:05}.fhcp", self.run_id))
+    }
+
+    /// Writes a checkpoint atomically: temp file, fsync, rename, fsync of the folder. The payload is
+    /// streamed (no second copy of the model in memory) and hashed on the way.
+    /// Returns its path, SHA-256 and length.
+    ///
+    /// # Errors
+    /// Any I/O failure; no partial file is left under the final name.
+    pub fn write_checkpoint(&self, round: u32, params: &ParameterSet) -> Result<(PathBuf, String, u64), StoreError> {
+        let path = self.checkpoint_path(round);
+        let tmp = path.with_extension("fhcp.tmp");
+        let result = (|| {
+            let f = fs::File::create(&tmp)?;
+            let mut w =
+                HashingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, f), hasher: Sha256::new(), len: 0 };
+            params.write_to(&mut w)?;
+            let HashingWriter { inner, hasher, len } = w;
+            let f = inner.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            fs::File::open(&self.checkpoints)?.sync_all()?;
+            Ok::<_, std::io::Error>((hex::encode(hasher.finalize()), len))
+        })();
+        match result {
+            Ok((sha, len)) => Ok((path, sha, len)),
+            Err(source) => {
+                let _ = fs::remove_file(&tmp);
+                Err(StoreError::Io { path, source })
+            }
+        }
+    }
+
+    /// Reads a checkpoint and verifies its SHA-256.
+    ///
+    /// # Errors
+    /// Missing file or a hash mismatch (the file was altered or damaged).
+    pub fn read_checkpoint(&self, path: &Path, sha256: &str) -> Result<Vec<u8>, StoreError> {
+        let bytes = fs::read(path).map_err(|source| StoreError::Io { path: path.to_path_buf(), source })?;
+        let got = sha256_hex(&bytes);
+        if got != sha256 {
+            return Err(StoreError::Inconsistent(format!(
+                "checkpoint {} has SHA-256 {got}, but the database recorded {sha256}: the file was altered or damaged",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Records a committed round (after its checkpoint is on disk).
+    ///
+    /// # Errors
+    /// Database failure; the round is then not committed.
+    pub fn commit_round(&mut self, rec: &RoundRecord) -> Result<(), StoreError> {
+        let text = serde_json::to_string(rec).map_err(|e| StoreError::Inconsistent(e.to_string()))?;
+        let tx = self.conn.transaction().map_err(|source| StoreError::Db { path: self.db_path.clone(), source })?;
+        tx.execute(
+            "INSERT INTO rounds (run_id, round, record, checkpoint, checkpoint_sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![self.run_id, rec.round, text, rec.checkpoint, rec.checkpoint_sha256],
+        )
+        .map_err(|source| StoreError::Db { path: self.db_path.clone(), source })?;
+        tx.commit().map_err(|source| StoreError::Db { path: self.db_path.clone(), source })
+    }
+
+    /// Records an evaluation report (replacing an earlier one from the same site for that round).
+    ///
+    /// # Errors
+    /// Database failure.
+    pub fn record_evaluation(&self, rec: &EvaluationRecord) -> Result<(), StoreError> {
+        let text = serde_json::to_string(rec).map_err(|e| StoreError::Inconsistent(e.to_string()))?;
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO evaluations (run_id, round, site, task_id, record) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![self.run_id, rec.round, rec.site, rec.task_id, text],
+            )
+            .map_err(self.db())?;
+        Ok(())
+    }
+
+    /// Deletes checkpoints older than the newest `keep` (the initial model, round 0, is kept).
+    pub fn prune_checkpoints(&self, newest: u32, keep: usize) {
+        let keep = keep.max(1) as u32;
+        if newest < keep {
+            return;
+        }
+        for r in 1..=newest.saturating_sub(keep) {
+            let p = self.checkpoint_path(r);
+            if p.exists()
+                && let Err(e) = fs::remove_file(&p)
+            {
+                tracing::warn!(path = %p.display(), error = %e, "could not remove an old checkpoint");
+            }
+        }
+    }
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_round_trip_and_tamper_detection() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = Store::open(tmp.path(), "run-1").unwrap();
+        s.check_identity("study", "fp1").unwrap();
+        let p = ParameterSet::from_tensors(vec![("w".into(), vec![2], vec![1.0, 2.0])]).unwrap();
+        let (path, sha, len) = s.write_checkpoint(1, &p).unwrap();
+        assert_eq!(len as usize, p.layout().payload_len());
+        assert_eq!(s.read_checkpoint(&path, &sha).unwrap(), p.encode());
+        assert_eq!(sha, sha256_hex(&p.encode()));
+        fs::write(&path, b"hellp").unwrap();
+        assert!(s.read_checkpoint(&path, &sha).unwrap_err().to_string().contains("altered"));
+        let rec = RoundRecord {
+            round: 1,
+            attempt: 1,
+            task_id: "r1a1".into(),
+            participants: vec!["a".into()],
+            samples: vec![3],
+            losses: vec![Some(0.5)],
+            failures: vec![],
+            duration_s: 1.0,
+            aggregate_s: 0.1,
+            bytes_in: 5,
+            bytes_out: 5,
+            checkpoint: path.display().to_string(),
+            checkpoint_sha256: sha,
+            committed_unix: 0,
+        };
+        s.commit_round(&rec).unwrap();
+        assert!(s.commit_round(&rec).is_err(), "a round is committed once");
+        drop(s);
+        let s = Store::open(tmp.path(), "run-1").unwrap();
+        assert_eq!(s.rounds().unwrap(), vec![rec]);
+        assert!(s.check_identity("study", "fp2").unwrap_err().to_string().contains("fingerprint"));
+        assert!(s.check_identity("other", "fp1").is_err());
+    }
+}

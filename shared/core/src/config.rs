@@ -1,0 +1,325 @@
+//! Configuration files: study, server, site and admin.
+//!
+//! Two stages, as in ripgrep: serde reads the TOML as written (`deny_unknown_fields`, defaults for
+//! what may be left out), then `load_*` resolves relative paths against the file's own folder and
+//! checks ranges. An error names the file and, for TOML syntax, the line and column.
+//!
+//! The `model` and `cohort` sections of a study are kept as TOML tables here and typed by the crates
+//! that own them (`fedhcc-model`, `fedhcc-cohort`), so this crate stays free of both.
+
+use crate::pki::{ClientTlsFiles, ServerTlsFiles, validate_name};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: &Path, message: impl Into<String>) -> Self {
+        Self { path: path.to_path_buf(), message: message.into() }
+    }
+}
+
+/// Reads and parses a TOML file.
+///
+/// # Errors
+/// Unreadable file, or TOML that does not match `T` (with line and column).
+pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))?;
+    toml::from_str(&text).map_err(|e| ConfigError::new(path, e.to_string().trim_end().to_string()))
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_path_buf).filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn resolve(base: &Path, p: &mut PathBuf) {
+    if p.is_relative() {
+        *p = base.join(&*p);
+    }
+}
+
+/// How the federation runs: rounds, quorum, timeouts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    /// Training rounds in the run.
+    pub rounds: u32,
+    /// Fewest sites that must answer for a round to be aggregated (and to start one).
+    #[serde(default = "default_min_sites")]
+    pub min_sites: usize,
+    /// Seconds a round waits for its selected sites before closing with those that answered.
+    #[serde(default = "default_round_timeout")]
+    pub round_timeout_s: u64,
+    /// Evaluate the global model on every site's held-out split every k rounds (0 = only at the end).
+    #[serde(default)]
+    pub evaluate_every: u32,
+    /// Aggregation strategy; `fedavg` for now.
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+}
+
+fn default_min_sites() -> usize {
+    2
+}
+fn default_round_timeout() -> u64 {
+    600
+}
+fn default_strategy() -> String {
+    "fedavg".into()
+}
+
+/// Local training hyper-parameters sent with every train task.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    #[serde(default = "default_epochs")]
+    pub local_epochs: u32,
+    #[serde(default = "default_batch")]
+    pub batch_size: u32,
+    #[serde(default = "default_lr")]
+    pub learning_rate: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// FedProx proximal term μ (0 = plain local training).
+    #[serde(default)]
+    pub prox_mu: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            local_epochs: default_epochs(),
+            batch_size: default_batch(),
+            learning_rate: default_lr(),
+            weight_decay: 0.0,
+            prox_mu: 0.0,
+            seed: default_seed(),
+        }
+    }
+}
+
+fn default_epochs() -> u32 {
+    2
+}
+fn default_batch() -> u32 {
+    32
+}
+fn default_lr() -> f64 {
+    1e-2
+}
+fn default_seed() -> u64 {
+    20240730
+}
+
+/// The study protocol: identical at the server and every site.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StudyConfig {
+    pub study_id: String,
+    #[serde(default = "default_run")]
+    pub run_id: String,
+    pub federation: FederationConfig,
+    #[serde(default)]
+    pub training: TrainingConfig,
+    /// Model definition, typed by `fedhcc-model`.
+    #[serde(default)]
+    pub model: toml::Table,
+    /// Cohort definition (features, label, outcomes), typed by `fedhcc-cohort`.
+    #[serde(default)]
+    pub cohort: toml::Table,
+}
+
+fn default_run() -> String {
+    "run-1".into()
+}
+
+/// Reads and checks a study configuration.
+///
+/// # Errors
+/// Unreadable or invalid file, or a value out of range.
+pub fn load_study(path: &Path) -> Result<StudyConfig, ConfigError> {
+    let cfg: StudyConfig = read_toml(path)?;
+    validate_name("study", &cfg.study_id).map_err(|e| ConfigError::new(path, e.to_string()))?;
+    validate_name("run", &cfg.run_id).map_err(|e| ConfigError::new(path, e.to_string()))?;
+    let f = &cfg.federation;
+    if f.rounds == 0 || f.rounds > 100_000 {
+        return Err(ConfigError::new(path, format!("federation.rounds = {} (1 to 100000 allowed)", f.rounds)));
+    }
+    if f.min_sites == 0 {
+        return Err(ConfigError::new(path, "federation.min_sites must be at least 1"));
+    }
+    if f.round_timeout_s == 0 {
+        return Err(ConfigError::new(path, "federation.round_timeout_s must be at least 1"));
+    }
+    if f.strategy != "fedavg" {
+        return Err(ConfigError::new(
+            path,
+            format!("federation.strategy = '{}': this version offers 'fedavg'", f.strategy),
+        ));
+    }
+    let t = &cfg.training;
+    if t.local_epochs == 0 || t.batch_size == 0 || !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
+        return Err(ConfigError::new(path, "training: local_epochs, batch_size and learning_rate must be positive"));
+    }
+    if t.prox_mu < 0.0 || t.weight_decay < 0.0 {
+        return Err(ConfigError::new(path, "training: prox_mu and weight_decay must not be negative"));
+    }
+    Ok(cfg)
+}
+
+/// The aggregation server.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The study protocol file.
+    pub study: PathBuf,
+    /// Address to listen on, e.g. `127.0.0.1:50051` or `[::]:50051`.
+    pub listen: String,
+    /// Where the database, checkpoints and spooled updates live.
+    pub state_dir: PathBuf,
+    pub tls: ServerTlsFiles,
+    /// Site ids (certificate common names) allowed to join.
+    pub allowed_sites: Vec<String>,
+    /// Checkpoints kept on disk (the newest; at least 1).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+}
+
+fn default_keep() -> usize {
+    3
+}
+
+/// Reads a server configuration and the study it names.
+///
+/// # Errors
+/// Unreadable or invalid files.
+pub fn load_server(path: &Path) -> Result<(ServerConfig, StudyConfig), ConfigError> {
+    let mut cfg: ServerConfig = read_toml(path)?;
+    let base = base_dir(path);
+    for p in
+        [&mut cfg.study, &mut cfg.state_dir, &mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.tls.crl]
+    {
+        resolve(&base, p);
+    }
+    if cfg.allowed_sites.is_empty() {
+        return Err(ConfigError::new(path, "allowed_sites is empty: name the sites (certificate names) that may join"));
+    }
+    for s in &cfg.allowed_sites {
+        validate_name("site", s).map_err(|e| ConfigError::new(path, format!("allowed_sites: {e}")))?;
+    }
+    if cfg.keep_checkpoints == 0 {
+        return Err(ConfigError::new(path, "keep_checkpoints must be at least 1"));
+    }
+    let study = load_study(&cfg.study)?;
+    Ok((cfg, study))
+}
+
+/// A site's client.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// This site's id; must equal the common name of its certificate.
+    pub site_id: String,
+    /// The server's address, e.g. `https://study.example.org:50051`.
+    pub server: String,
+    /// The name the server's certificate carries (checked by TLS).
+    pub server_name: String,
+    /// The study protocol file (the same file the server uses).
+    pub study: PathBuf,
+    /// The site's data folder (`clinical.csv`, `mri/`, `wsi/`).
+    pub data_dir: PathBuf,
+    /// Where the client keeps its status and local outputs.
+    pub state_dir: PathBuf,
+    pub tls: ClientTlsFiles,
+    /// Compute backend for local training: `flex` (default, fast CPU), `ndarray` (CPU), `cuda`.
+    #[serde(default)]
+    pub backend: Option<String>,
+}
+
+/// Reads a site configuration and the study it names.
+///
+/// # Errors
+/// Unreadable or invalid files.
+pub fn load_site(path: &Path) -> Result<(SiteConfig, StudyConfig), ConfigError> {
+    let mut cfg: SiteConfig = read_toml(path)?;
+    let base = base_dir(path);
+    for p in
+        [&mut cfg.study, &mut cfg.data_dir, &mut cfg.state_dir, &mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key]
+    {
+        resolve(&base, p);
+    }
+    validate_name("site", &cfg.site_id).map_err(|e| ConfigError::new(path, e.to_string()))?;
+    if !(cfg.server.starts_with("https://")) {
+        return Err(ConfigError::new(path, format!("server = '{}': must start with https://", cfg.server)));
+    }
+    let study = load_study(&cfg.study)?;
+    Ok((cfg, study))
+}
+
+/// A study lead's admin tool.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub server: String,
+    pub server_name: String,
+    pub tls: ClientTlsFiles,
+}
+
+/// Reads an admin configuration.
+///
+/// # Errors
+/// Unreadable or invalid file.
+pub fn load_admin(path: &Path) -> Result<AdminConfig, ConfigError> {
+    let mut cfg: AdminConfig = read_toml(path)?;
+    let base = base_dir(path);
+    for p in [&mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key] {
+        resolve(&base, p);
+    }
+    if !(cfg.server.starts_with("https://")) {
+        return Err(ConfigError::new(path, format!("server = '{}': must start with https://", cfg.server)));
+    }
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_and_ranges_are_reported_with_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("study.toml");
+        std::fs::write(&p, "study_id = \"s\"\n[federation]\nrounds = 3\nmin_site = 2\n").unwrap();
+        let e = load_study(&p).unwrap_err().to_string();
+        assert!(e.contains("study.toml") && e.contains("min_site"), "{e}");
+        std::fs::write(&p, "study_id = \"s\"\n[federation]\nrounds = 0\n").unwrap();
+        let e = load_study(&p).unwrap_err().to_string();
+        assert!(e.contains("federation.rounds = 0"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("study.toml"), "study_id = \"s\"\n[federation]\nrounds = 3\n").unwrap();
+        let p = tmp.path().join("site.toml");
+        std::fs::write(
+            &p,
+            "site_id = \"a\"\nserver = \"https://127.0.0.1:1\"\nserver_name = \"x\"\nstudy = \"study.toml\"\n\
+             data_dir = \"data\"\nstate_dir = \"state\"\n[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key.pem\"\n",
+        )
+        .unwrap();
+        let (site, study) = load_site(&p).unwrap();
+        assert_eq!(site.data_dir, tmp.path().join("data"));
+        assert_eq!(site.tls.ca, tmp.path().join("ca.pem"));
+        assert_eq!(study.federation.min_sites, 2);
+    }
+}

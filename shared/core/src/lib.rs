@@ -1,0 +1,10 @@
+//! fedhcc-core: what both the server and the client need and that carries no heavy dependency.
+//!
+//! - [`params`]: parameter sets (named f32 tensors), their fingerprint and payload codec.
+//! - [`config`]: study, server, site and admin configuration (raw TOML → validated).
+//! - [`pki`]: the study certificate authority, site/admin certificates, revocation, and rustls
+//!   configurations for both ends of a mutual-TLS connection.
+
+pub mod config;
+pub mod params;
+pub mod pki;

@@ -1,0 +1,295 @@
+//! The subcommands that wrap one library call each: certificates, server, client, status,
+//! synthetic cohort, data check.
+
+use crate::executor::ClinicalExecutor;
+use crate::study::StudyModel;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use fedhcc_core::config::{load_admin, load_server, load_site};
+use fedhcc_core::pki::{self, Role, Validity};
+use std::path::{Path, PathBuf};
+use tokio_util::sync::CancellationToken;
+
+pub fn certs_init(
+    dir: &Path,
+    study: &str,
+    server_name: &str,
+    sites: &[String],
+    admin: Option<&str>,
+    days: u32,
+) -> Result<()> {
+    let reg = pki::init(dir, study, server_name, sites, admin, days)?;
+    println!("Study CA and certificates for study '{}' written to {}:", reg.study, dir.display());
+    for c in &reg.issued {
+        println!("  {:<7} {:<24} valid until {}", format!("{:?}", c.role).to_lowercase(), c.name, c.not_after);
+    }
+    println!("Give each site its site-<id>.pem, site-<id>.key.pem and ca.pem; keep ca.key.pem offline.");
+    Ok(())
+}
+
+fn who(site: Option<String>, admin: Option<String>) -> Result<(Role, String)> {
+    match (site, admin) {
+        (Some(s), None) => Ok((Role::Site, s)),
+        (None, Some(a)) => Ok((Role::Admin, a)),
+        _ => bail!("name exactly one of --site or --admin"),
+    }
+}
+
+pub fn certs_issue(dir: &Path, site: Option<String>, admin: Option<String>, days: u32) -> Result<()> {
+    let (role, name) = who(site, admin)?;
+    let c = pki::issue(dir, role, &name, Validity::days(days))?;
+    println!(
+        "Issued a {} certificate for '{}' (serial {}), valid until {}.",
+        format!("{role:?}").to_lowercase(),
+        c.name,
+        c.serial_hex,
+        c.not_after
+    );
+    Ok(())
+}
+
+pub fn certs_revoke(dir: &Path, site: Option<String>, admin: Option<String>) -> Result<()> {
+    let (role, name) = who(site, admin)?;
+    let n = pki::revoke(dir, role, &name)?;
+    println!(
+        "Revoked {n} certificate(s) of '{name}'. {} now lists them; the server refuses them from their next connection.",
+        pki::CertDir::new(dir).crl().display()
+    );
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            } else {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("stopping");
+        token.cancel();
+    });
+}
+
+pub fn server(config: &Path) -> Result<()> {
+    let (cfg, study) = load_server(config)?;
+    let model = StudyModel::from_study(&study)?;
+    let initial = model.initial_params(study.training.seed)?;
+    tracing::info!(
+        study = %study.study_id, run = %study.run_id, params = initial.numel(),
+        fingerprint = %initial.fingerprint(), listen = %cfg.listen, "starting the server"
+    );
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+        println!("fedhcc server listening on {}", listener.local_addr()?);
+        let token = CancellationToken::new();
+        cancel_on_signal(token.clone());
+        let out = fedhcc_server::run(
+            listener,
+            fedhcc_server::ServerOptions { config: cfg, study, initial_model: initial },
+            token,
+        )
+        .await?;
+        if out.finished {
+            println!(
+                "Run finished: {} rounds. Final model: {} (SHA-256 {})",
+                out.rounds_completed,
+                out.final_checkpoint.display(),
+                out.final_sha256
+            );
+        } else {
+            println!(
+                "Server stopped after {} committed rounds; start it again with the same config to resume.",
+                out.rounds_completed
+            );
+        }
+        Ok(())
+    })
+}
+
+pub fn client(config: &Path) -> Result<()> {
+    let (site, study) = load_site(config)?;
+    let model = StudyModel::from_study(&study)?;
+    let backend = match &site.backend {
+        Some(b) => b.parse().map_err(|e| anyhow::anyhow!("{}: backend: {e}", config.display()))?,
+        None => fedhcc_model::BackendKind::default(),
+    };
+    // The certificate must be this site's: catch a mix-up before the server does.
+    let id = pki::peer_identity(&pki::load_certs(&site.tls.cert)?[0])?;
+    if id.name != site.site_id || id.role != Role::Site {
+        bail!(
+            "{}: site_id is '{}' but {} is a {:?} certificate for '{}'",
+            config.display(),
+            site.site_id,
+            site.tls.cert.display(),
+            id.role,
+            id.name
+        );
+    }
+    let executor = ClinicalExecutor::load(&site.data_dir, &model, backend)?;
+    let opts = fedhcc_client::ClientOptions {
+        site_id: site.site_id.clone(),
+        study_id: study.study_id.clone(),
+        run_id: study.run_id.clone(),
+        target: fedhcc_client::ServerTarget {
+            url: site.server.clone(),
+            server_name: site.server_name.clone(),
+            tls: site.tls.clone(),
+        },
+        min_backoff: std::time::Duration::from_millis(500),
+        max_backoff: std::time::Duration::from_secs(30),
+        give_up_after: None,
+        state_dir: Some(site.state_dir.clone()),
+    };
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let token = CancellationToken::new();
+        cancel_on_signal(token.clone());
+        let out = fedhcc_client::run(opts, executor, token).await?;
+        println!(
+            "Site {}: {} rounds trained, {} evaluations, {:.1} MB received, {:.1} MB sent{}",
+            site.site_id,
+            out.rounds_trained,
+            out.evaluations,
+            out.bytes_down as f64 / 1e6,
+            out.bytes_up as f64 / 1e6,
+            if out.finished { "; the run is finished." } else { "; stopped before the end of the run." }
+        );
+        Ok(())
+    })
+}
+
+pub fn status(config: &Path, json: bool) -> Result<()> {
+    let admin = load_admin(config)?;
+    let rt = runtime()?;
+    let reply = rt.block_on(async {
+        let target = fedhcc_client::ServerTarget {
+            url: admin.server.clone(),
+            server_name: admin.server_name.clone(),
+            tls: admin.tls.clone(),
+        };
+        let mut c = fedhcc_client::transport::connect(&target).await?;
+        let r = c.status(fedhcc_proto::StatusRequest {}).await.map_err(fedhcc_client::TransportError::from)?;
+        Ok::<_, anyhow::Error>(r.into_inner())
+    })?;
+    if json {
+        let v = serde_json::json!({
+            "study_id": reply.study_id, "run_id": reply.run_id, "phase": reply.phase,
+            "current_round": reply.current_round, "total_rounds": reply.total_rounds, "attempt": reply.attempt,
+            "model_fingerprint": reply.model_fingerprint,
+            "sites": reply.sites.iter().map(|s| serde_json::json!({
+                "site_id": s.site_id, "connected": s.connected, "last_seen_unix": s.last_seen_unix,
+                "rounds_contributed": s.rounds_contributed, "last_refusal": s.last_refusal})).collect::<Vec<_>>(),
+            "rounds": reply.rounds.iter().map(|r| serde_json::json!({
+                "round": r.round, "participants": r.participants, "total_samples": r.total_samples,
+                "mean_train_loss": if r.mean_train_loss.is_finite() { Some(r.mean_train_loss) } else { None },
+                "duration_s": r.duration_s, "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
+                "checkpoint_sha256": r.checkpoint_sha256})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "Study {}  run {}  phase {}  round {}/{}",
+        reply.study_id, reply.run_id, reply.phase, reply.current_round, reply.total_rounds
+    );
+    println!("\n{:<20} {:<10} {:>8}  last refusal", "site", "connected", "rounds");
+    for s in &reply.sites {
+        println!(
+            "{:<20} {:<10} {:>8}  {}",
+            s.site_id,
+            if s.connected { "yes" } else { "no" },
+            s.rounds_contributed,
+            s.last_refusal
+        );
+    }
+    println!("\n{:>5}  {:<28} {:>8} {:>10} {:>8}", "round", "participants", "samples", "mean loss", "seconds");
+    for r in &reply.rounds {
+        println!(
+            "{:>5}  {:<28} {:>8} {:>10.4} {:>8.2}",
+            r.round,
+            r.participants.join(","),
+            r.total_samples,
+            r.mean_train_loss,
+            r.duration_s
+        );
+    }
+    Ok(())
+}
+
+/// `fedhcc synth`: the synthetic multi-center cohort.
+#[derive(Args)]
+pub struct SynthArgs {
+    /// Output folder: one site folder per center, and truth.csv beside them.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Number of centers.
+    #[arg(long, default_value_t = 2)]
+    pub centers: usize,
+    /// Patients across all centers.
+    #[arg(long, default_value_t = 579)]
+    pub patients: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Image sizes: tiny (tests), small (demo), full. This version writes the clinical tables only;
+    /// MRI volumes and slides come with the imaging pipeline.
+    #[arg(long, default_value = "small", value_parser = ["tiny", "small", "full"])]
+    pub scale: String,
+}
+
+pub fn synth(args: &SynthArgs) -> Result<()> {
+    let sites = write_synthetic_cohort(&args.out, args.centers, args.patients, args.seed)?;
+    for (id, n) in &sites {
+        println!("{id}: {n} patients in {}", args.out.join(id).join("clinical.csv").display());
+    }
+    println!("Latent risk per patient (for evaluation only): {}", args.out.join("truth.csv").display());
+    Ok(())
+}
+
+/// Writes `out/<center>/clinical.csv` and `out/truth.csv`. Returns (center id, patients).
+pub fn write_synthetic_cohort(out: &Path, centers: usize, patients: usize, seed: u64) -> Result<Vec<(String, usize)>> {
+    if centers == 0 || patients < centers {
+        bail!("need at least one center and one patient per center (got {centers} centers, {patients} patients)");
+    }
+    let cutoff = fedhcc_cohort::OutcomeConfig::default().cutoff;
+    let cohort = fedhcc_cohort::synth::generate(centers, patients, seed, cutoff)?;
+    let mut written = Vec::new();
+    for site in &cohort.sites {
+        let dir = out.join(&site.center_id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        fedhcc_cohort::synth::write_site_csv(site, &dir.join("clinical.csv"))?;
+        written.push((site.center_id.clone(), site.rows.len()));
+    }
+    fedhcc_cohort::synth::write_truth_csv(&cohort.truth, &out.join("truth.csv"))?;
+    Ok(written)
+}
+
+pub fn data_check(site_config: &Path, json: bool) -> Result<()> {
+    let (site, study) = load_site(site_config)?;
+    let model = StudyModel::from_study(&study)?;
+    let csv = site.data_dir.join("clinical.csv");
+    let report = fedhcc_cohort::Cohort::load(&csv, &model.spec, &model.cohort.outcomes)?;
+    let check = fedhcc_cohort::DataCheck::run(&report, &model.spec);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&check)?);
+    } else {
+        println!("Data check for site {} ({})\n", site.site_id, csv.display());
+        print!("{}", check.to_text());
+    }
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! Executors: what a site's client does with a task. `ClinicalExecutor` trains the study's burn
+//! model on the site's `clinical.csv`; `NoiseExecutor` (benchmarks) returns the global model plus
+//! small noise without training, to measure the framework alone.
+
+use crate::study::StudyModel;
+use anyhow::{Context, Result, bail};
+use fedhcc_client::{EvalResult, Executor, ExecutorError, TaskControl, TrainResult, TrainSpec};
+use fedhcc_cohort::{Cohort, DesignMatrix, FeatureStats, Splits};
+use fedhcc_core::params::{Fingerprint, ParameterSet};
+use fedhcc_model::{BackendKind, ClinicalModelConfig, Dataset, TrainParams};
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+
+/// A site's labelled rows, encoded for the model.
+struct Rows {
+    x: Vec<f32>,
+    y: Vec<f32>,
+    n: usize,
+}
+
+impl Rows {
+    fn from_matrix(m: &DesignMatrix) -> Self {
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for (i, label) in m.labels.iter().enumerate() {
+            if let Some(l) = label {
+                x.extend_from_slice(m.row(i));
+                y.push(*l);
+            }
+        }
+        let n = y.len();
+        Self { x, y, n }
+    }
+
+    fn dataset(&self, d: usize) -> Dataset<'_> {
+        Dataset { x: &self.x, n: self.n, d, y: &self.y }
+    }
+}
+
+/// Trains and evaluates the study's clinical model on one site's data.
+pub struct ClinicalExecutor {
+    cfg: ClinicalModelConfig,
+    fingerprint: Fingerprint,
+    backend: BackendKind,
+    train: Rows,
+    val: Rows,
+    test: Rows,
+}
+
+impl ClinicalExecutor {
+    /// Loads `data_dir/clinical.csv`, splits it, and encodes it (standardised with this site's own
+    /// statistics; see ARCHITECTURE.md on federated standardisation).
+    ///
+    /// # Errors
+    /// The cohort cannot be read, or too few labelled patients remain to train.
+    pub fn load(data_dir: &Path, study: &StudyModel, backend: BackendKind) -> Result<Self> {
+        let cfg = study.clinical_config().context("this study's model is not a clinical model")?;
+        let csv = data_dir.join("clinical.csv");
+        let report = Cohort::load(&csv, &study.spec, &study.cohort.outcomes)
+            .with_context(|| format!("reading the site's cohort {}", csv.display()))?;
+        if !report.issues.is_empty() {
+            tracing::warn!(
+                rows = report.issues.len(),
+                "rows excluded by the data check; run `fedhcc data check` for details"
+            );
+        }
+        let cohort = report.cohort;
+        let labels = cohort.labels();
+        let splits =
+            Splits::stratified(&labels, study.cohort.split_seed, study.cohort.val_frac, study.cohort.test_frac)
+                .context("splitting the cohort")?;
+        let stats = FeatureStats::local(&cohort, &study.spec, &splits.train).context("feature statistics")?;
+        let enc = |rows: &[usize]| -> Result<Rows> {
+            Ok(Rows::from_matrix(
+                &DesignMatrix::build(&cohort, &study.spec, &stats, rows).context("encoding features")?,
+            ))
+        };
+        let (train, val, test) = (enc(&splits.train)?, enc(&splits.val)?, enc(&splits.test)?);
+        if train.n < 2 {
+            bail!("{}: only {} labelled training patients; at least 2 are needed", csv.display(), train.n);
+        }
+        let fingerprint = fedhcc_model::init_params(&cfg, 0).fingerprint();
+        tracing::info!(train = train.n, val = val.n, test = test.n, "site cohort ready");
+        Ok(Self { cfg, fingerprint, backend, train, val, test })
+    }
+}
+
+impl Executor for ClinicalExecutor {
+    fn fingerprint(&self) -> Option<Fingerprint> {
+        Some(self.fingerprint)
+    }
+
+    fn num_samples(&self) -> u64 {
+        self.train.n as u64
+    }
+
+    fn train(
+        &mut self,
+        global: &ParameterSet,
+        spec: &TrainSpec,
+        ctl: &TaskControl,
+    ) -> Result<TrainResult, ExecutorError> {
+        let tp = TrainParams {
+            epochs: spec.local_epochs as usize,
+            batch_size: spec.batch_size as usize,
+            lr: spec.learning_rate,
+            weight_decay: spec.weight_decay,
+            seed: spec.seed,
+            pos_weight: None,
+            prox_mu: spec.prox_mu,
+        };
+        let cancel = || ctl.is_cancelled();
+        let mut progress = |epoch: usize, epochs: usize, loss: f64| {
+            tracing::info!(
+                round = spec.round,
+                epoch = epoch + 1,
+                epochs,
+                loss = format!("{loss:.4}"),
+                "local training"
+            );
+        };
+        let out = fedhcc_model::train_local(
+            &self.cfg,
+            global,
+            &self.train.dataset(self.cfg.inputs),
+            &tp,
+            self.backend,
+            &cancel,
+            &mut progress,
+        )
+        .map_err(|e| ExecutorError(e.to_string()))?;
+        let mut metrics = vec![("train_loss".to_string(), out.train_loss), ("steps".to_string(), out.steps as f64)];
+        if self.val.n > 0
+            && let Ok(ev) =
+                fedhcc_model::evaluate(&self.cfg, &out.params, &self.val.dataset(self.cfg.inputs), self.backend)
+        {
+            metrics.push(("val_loss".into(), ev.loss));
+            if let Some(auc) = fedhcc_model::auc(&ev.scores, &self.val.y) {
+                metrics.push(("val_auc".into(), auc));
+            }
+        }
+        Ok(TrainResult { params: out.params, num_samples: out.samples as u64, metrics })
+    }
+
+    fn evaluate(
+        &mut self,
+        global: &ParameterSet,
+        split: &str,
+        _ctl: &TaskControl,
+    ) -> Result<EvalResult, ExecutorError> {
+        let rows = match split {
+            "val" => &self.val,
+            "test" => &self.test,
+            other => return Err(ExecutorError(format!("unknown split '{other}' (test or val)"))),
+        };
+        if rows.n == 0 {
+            return Err(ExecutorError(format!("the '{split}' split has no labelled patient")));
+        }
+        let ev = fedhcc_model::evaluate(&self.cfg, global, &rows.dataset(self.cfg.inputs), self.backend)
+            .map_err(|e| ExecutorError(e.to_string()))?;
+        let positives = rows.y.iter().filter(|&&v| v > 0.5).count();
+        let mut metrics = vec![("loss".to_string(), ev.loss), ("n_positive".to_string(), positives as f64)];
+        if let Some(auc) = fedhcc_model::auc(&ev.scores, &rows.y) {
+            metrics.push(("auc".into(), auc));
+        }
+        Ok(EvalResult { num_samples: ev.n as u64, metrics })
+    }
+}
+
+/// Benchmark executor: no training, the global model plus uniform noise of ±1e-3.
+pub struct NoiseExecutor {
+    pub samples: u64,
+    pub rng: rand_chacha::ChaCha8Rng,
+}
+
+impl NoiseExecutor {
+    pub fn new(samples: u64, seed: u64) -> Self {
+        Self { samples, rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed) }
+    }
+}
+
+impl Executor for NoiseExecutor {
+    fn fingerprint(&self) -> Option<Fingerprint> {
+        None
+    }
+    fn num_samples(&self) -> u64 {
+        self.samples
+    }
+    fn train(
+        &mut self,
+        global: &ParameterSet,
+        _spec: &TrainSpec,
+        _ctl: &TaskControl,
+    ) -> Result<TrainResult, ExecutorError> {
+        let mut p = global.clone();
+        for v in p.values_mut() {
+            *v += self.rng.random_range(-1e-3f32..1e-3);
+        }
+        Ok(TrainResult { params: p, num_samples: self.samples, metrics: vec![("train_loss".into(), 0.0)] })
+    }
+    fn evaluate(
+        &mut self,
+        _global: &ParameterSet,
+        _split: &str,
+        _ctl: &TaskControl,
+    ) -> Result<EvalResult, ExecutorError> {
+        Ok(EvalResult { num_samples: self.samples, metrics: vec![] })
+    }
+}

@@ -1,0 +1,153 @@
+//! Typing the study's `[model]` and `[cohort]` sections (kept as raw tables by `fedhcc-core`,
+//! typed here where the model and cohort crates meet).
+
+use anyhow::{Context, Result, bail};
+use fedhcc_cohort::{CohortSpec, OutcomeConfig};
+use fedhcc_core::config::StudyConfig;
+use fedhcc_core::params::{Layout, ParameterSet, TensorSpec};
+use fedhcc_model::ClinicalModelConfig;
+use serde::{Deserialize, Serialize};
+
+/// `[model]`: which model the study trains.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelSection {
+    /// An MLP over the cohort's clinical columns (an empty `hidden` = logistic regression).
+    Clinical {
+        #[serde(default = "default_hidden")]
+        hidden: Vec<usize>,
+        #[serde(default)]
+        dropout: f64,
+    },
+    /// For benchmarks only: `params` zero-initialised values, no training.
+    Synthetic { params: usize },
+}
+
+fn default_hidden() -> Vec<usize> {
+    vec![32]
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection::Clinical { hidden: default_hidden(), dropout: 0.0 }
+    }
+}
+
+/// `[cohort]`: columns, label, outcome derivation and splits.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CohortSection {
+    /// `hcc_preoperative` or `hcc_postoperative`; or leave out and give `[cohort.spec]`.
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub spec: Option<CohortSpec>,
+    #[serde(default)]
+    pub outcomes: OutcomeConfig,
+    #[serde(default = "default_val")]
+    pub val_frac: f64,
+    #[serde(default = "default_test")]
+    pub test_frac: f64,
+    #[serde(default = "default_split_seed")]
+    pub split_seed: u64,
+}
+
+fn default_val() -> f64 {
+    0.15
+}
+fn default_test() -> f64 {
+    0.2
+}
+fn default_split_seed() -> u64 {
+    42
+}
+
+/// The study's model and cohort, typed.
+#[derive(Clone, Debug)]
+pub struct StudyModel {
+    pub model: ModelSection,
+    pub cohort: CohortSection,
+    pub spec: CohortSpec,
+}
+
+impl StudyModel {
+    /// Types the `[model]` and `[cohort]` sections of a study.
+    ///
+    /// # Errors
+    /// Unknown keys, a bad value, or neither preset nor spec.
+    pub fn from_study(study: &StudyConfig) -> Result<Self> {
+        let model: ModelSection = if study.model.is_empty() {
+            ModelSection::default()
+        } else {
+            toml::Value::Table(study.model.clone()).try_into().context("study [model] section")?
+        };
+        let cohort: CohortSection =
+            toml::Value::Table(study.cohort.clone()).try_into().context("study [cohort] section")?;
+        let spec = match (&cohort.preset, &cohort.spec) {
+            (Some(_), Some(_)) => bail!("study [cohort]: give either `preset` or `[cohort.spec]`, not both"),
+            (Some(p), None) if p == "hcc_preoperative" => CohortSpec::hcc_preoperative(),
+            (Some(p), None) if p == "hcc_postoperative" => CohortSpec::hcc_postoperative(),
+            (Some(p), None) => {
+                bail!("study [cohort] preset = '{p}': known presets are hcc_preoperative, hcc_postoperative")
+            }
+            (None, Some(s)) => s.clone(),
+            (None, None) if matches!(model, ModelSection::Synthetic { .. }) => CohortSpec::hcc_preoperative(),
+            (None, None) => bail!("study [cohort]: name a `preset` or give `[cohort.spec]`"),
+        };
+        spec.validate().context("study [cohort.spec]")?;
+        if !(0.0..0.9).contains(&(cohort.val_frac + cohort.test_frac))
+            || cohort.val_frac < 0.0
+            || cohort.test_frac < 0.0
+        {
+            bail!("study [cohort]: val_frac + test_frac must be between 0 and 0.9");
+        }
+        if let ModelSection::Clinical { dropout, .. } = &model
+            && !(0.0..1.0).contains(dropout)
+        {
+            bail!("study [model]: dropout must be in [0, 1)");
+        }
+        Ok(Self { model, cohort, spec })
+    }
+
+    /// The clinical model configuration, if the study trains one.
+    pub fn clinical_config(&self) -> Option<ClinicalModelConfig> {
+        match &self.model {
+            ModelSection::Clinical { hidden, dropout } => Some(ClinicalModelConfig {
+                inputs: fedhcc_cohort::design_width(&self.spec),
+                hidden: hidden.clone(),
+                dropout: *dropout,
+            }),
+            ModelSection::Synthetic { .. } => None,
+        }
+    }
+
+    /// The model every site starts from (deterministic from the study's seed).
+    ///
+    /// # Errors
+    /// A synthetic model size out of range.
+    pub fn initial_params(&self, seed: u64) -> Result<ParameterSet> {
+        match &self.model {
+            ModelSection::Clinical { .. } => {
+                let cfg = self.clinical_config().context("clinical model")?;
+                Ok(fedhcc_model::init_params(&cfg, seed))
+            }
+            ModelSection::Synthetic { params } => synthetic_params(*params),
+        }
+    }
+}
+
+/// A benchmark model of `n` parameters, split into tensors of at most 1 Mi values.
+///
+/// # Errors
+/// `n` is zero or beyond the parameter-set limits.
+pub fn synthetic_params(n: usize) -> Result<ParameterSet> {
+    if n == 0 {
+        bail!("a model needs at least one parameter");
+    }
+    let block = 1 << 20;
+    let specs: Vec<TensorSpec> = (0..n.div_ceil(block))
+        .map(|i| TensorSpec { name: format!("block{i}.weight"), shape: vec![(n - i * block).min(block)] })
+        .collect();
+    let layout = Layout::new(specs)?;
+    Ok(ParameterSet::zeros(layout))
+}

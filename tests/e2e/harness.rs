@@ -1,0 +1,251 @@
+//! Test helpers: a fresh study CA per test, a server `run(...)` future on 127.0.0.1:0 with real
+//! mutual TLS, raw protocol clients for each identity, and deterministic executors.
+
+use fedhcc_client::{EvalResult, Executor, ExecutorError, TaskControl, TrainResult, TrainSpec};
+use fedhcc_core::config::{FederationConfig, ServerConfig, StudyConfig, TrainingConfig};
+use fedhcc_core::params::{Fingerprint, ParameterSet};
+use fedhcc_core::pki::{self, CertDir, ClientTlsFiles, ServerTlsFiles};
+use fedhcc_proto as pb;
+use pb::federation_client::FederationClient;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub const STUDY: &str = "test-study";
+
+pub fn study(rounds: u32, min_sites: usize, timeout_s: u64) -> StudyConfig {
+    StudyConfig {
+        study_id: STUDY.into(),
+        run_id: "run-1".into(),
+        federation: FederationConfig {
+            rounds,
+            min_sites,
+            round_timeout_s: timeout_s,
+            evaluate_every: 0,
+            strategy: "fedavg".into(),
+        },
+        training: TrainingConfig::default(),
+        model: Default::default(),
+        cohort: Default::default(),
+    }
+}
+
+/// A model of `n` values `0, 1, 2, …` in two tensors.
+pub fn model(n: usize) -> ParameterSet {
+    let a = n / 2;
+    ParameterSet::from_tensors(vec![
+        ("layer.weight".into(), vec![a], (0..a).map(|i| i as f32).collect()),
+        ("layer.bias".into(), vec![n - a], (a..n).map(|i| i as f32).collect()),
+    ])
+    .unwrap()
+}
+
+pub struct TestServer {
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    pub token: CancellationToken,
+    pub handle: Option<JoinHandle<Result<fedhcc_server::RunOutcome, fedhcc_server::ServerError>>>,
+}
+
+impl TestServer {
+    pub fn certs(&self) -> CertDir {
+        CertDir::new(self.dir.join("certs"))
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+    pub fn site_tls(&self, site: &str) -> ClientTlsFiles {
+        let c = self.certs();
+        ClientTlsFiles { ca: c.ca(), cert: c.site(site), key: c.site_key(site) }
+    }
+    pub fn target(&self, tls: ClientTlsFiles) -> fedhcc_client::ServerTarget {
+        fedhcc_client::ServerTarget { url: self.url(), server_name: "localhost".into(), tls }
+    }
+    pub async fn client_as(&self, site: &str) -> FederationClient<Channel> {
+        fedhcc_client::transport::connect(&self.target(self.site_tls(site))).await.expect("channel")
+    }
+    pub async fn admin(&self) -> FederationClient<Channel> {
+        let c = self.certs();
+        let tls = ClientTlsFiles { ca: c.ca(), cert: c.admin("lead"), key: c.admin_key("lead") };
+        fedhcc_client::transport::connect(&self.target(tls)).await.expect("channel")
+    }
+    pub async fn status(&self) -> pb::StatusReply {
+        self.admin().await.status(pb::StatusRequest {}).await.expect("status").into_inner()
+    }
+    /// Waits (retrying until a deadline) for the status to satisfy `pred`.
+    pub async fn wait_status(&self, what: &str, pred: impl Fn(&pb::StatusReply) -> bool) -> pb::StatusReply {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = self.status().await;
+            if pred(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}; last status: {s:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    pub async fn stop(mut self) -> fedhcc_server::RunOutcome {
+        self.token.cancel();
+        self.join().await
+    }
+    pub async fn join(&mut self) -> fedhcc_server::RunOutcome {
+        let h = self.handle.take().expect("server handle");
+        tokio::time::timeout(Duration::from_secs(60), h).await.expect("server stops").expect("join").expect("server ok")
+    }
+}
+
+/// Makes a certificate directory for `sites` (+ admin "lead") under `dir/certs`.
+pub fn make_certs(dir: &Path, sites: &[&str]) {
+    let sites: Vec<String> = sites.iter().map(|s| s.to_string()).collect();
+    pki::init(&dir.join("certs"), STUDY, "localhost", &sites, Some("lead"), 2).expect("certs");
+}
+
+pub fn server_config(dir: &Path, allowed: &[&str]) -> ServerConfig {
+    let c = CertDir::new(dir.join("certs"));
+    ServerConfig {
+        study: dir.join("study.toml"),
+        listen: "127.0.0.1:0".into(),
+        state_dir: dir.join("state"),
+        tls: ServerTlsFiles { ca: c.ca(), cert: c.server(), key: c.server_key(), crl: c.crl() },
+        allowed_sites: allowed.iter().map(|s| s.to_string()).collect(),
+        keep_checkpoints: 3,
+    }
+}
+
+/// Starts a server `run(...)` on 127.0.0.1:0 in this runtime.
+pub async fn start_server(dir: &Path, allowed: &[&str], study: StudyConfig, initial: ParameterSet) -> TestServer {
+    if let Ok(filter) = std::env::var("FEDHCC_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = CancellationToken::new();
+    let opts = fedhcc_server::ServerOptions { config: server_config(dir, allowed), study, initial_model: initial };
+    let handle = tokio::spawn(fedhcc_server::run(listener, opts, token.clone()));
+    TestServer { dir: dir.to_path_buf(), addr, token, handle: Some(handle) }
+}
+
+pub fn client_options(server: &TestServer, site: &str) -> fedhcc_client::ClientOptions {
+    fedhcc_client::ClientOptions {
+        site_id: site.into(),
+        study_id: STUDY.into(),
+        run_id: "run-1".into(),
+        target: server.target(server.site_tls(site)),
+        min_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(500),
+        give_up_after: Some(Duration::from_secs(60)),
+        state_dir: None,
+    }
+}
+
+/// Adds a fixed delta to every value; `pause` simulates training time.
+pub struct ConstExecutor {
+    pub delta: f32,
+    pub samples: u64,
+    pub pause: Duration,
+}
+
+impl Executor for ConstExecutor {
+    fn fingerprint(&self) -> Option<Fingerprint> {
+        None
+    }
+    fn num_samples(&self) -> u64 {
+        self.samples
+    }
+    fn train(
+        &mut self,
+        global: &ParameterSet,
+        _s: &TrainSpec,
+        ctl: &TaskControl,
+    ) -> Result<TrainResult, ExecutorError> {
+        let until = Instant::now() + self.pause;
+        while Instant::now() < until {
+            if ctl.is_cancelled() {
+                return Err(ExecutorError("cancelled".into()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut p = global.clone();
+        p.values_mut().iter_mut().for_each(|v| *v += self.delta);
+        Ok(TrainResult {
+            params: p,
+            num_samples: self.samples,
+            metrics: vec![("train_loss".into(), f64::from(self.delta))],
+        })
+    }
+    fn evaluate(&mut self, _g: &ParameterSet, _split: &str, _c: &TaskControl) -> Result<EvalResult, ExecutorError> {
+        Ok(EvalResult { num_samples: self.samples, metrics: vec![("auc".into(), 0.5)] })
+    }
+}
+
+/// Opens a site's WaitTask stream (the site counts as connected from here on).
+pub async fn open_tasks(c: &mut FederationClient<Channel>) -> tonic::Streaming<pb::TaskEvent> {
+    c.wait_task(pb::WaitTaskRequest { study_id: STUDY.into(), run_id: "run-1".into() }).await.unwrap().into_inner()
+}
+
+/// The next train task on a site's stream.
+pub async fn next_train(s: &mut tonic::Streaming<pb::TaskEvent>) -> pb::TrainTask {
+    loop {
+        let ev =
+            tokio::time::timeout(Duration::from_secs(30), s.message()).await.expect("a task in time").unwrap().unwrap();
+        if let Some(pb::task_event::Event::Train(t)) = ev.event {
+            return t;
+        }
+    }
+}
+
+pub fn sha(b: &[u8]) -> String {
+    fedhcc_core::params::sha256_hex(b)
+}
+
+/// Sends a hand-made upload: `header` then `chunks`.
+pub async fn raw_upload(
+    c: &mut FederationClient<Channel>,
+    header: pb::UpdateHeader,
+    chunks: Vec<Vec<u8>>,
+) -> Result<pb::UploadReply, tonic::Status> {
+    let mut msgs = vec![pb::UploadPart { part: Some(pb::upload_part::Part::Header(header)) }];
+    msgs.extend(chunks.into_iter().map(|c| pb::UploadPart { part: Some(pb::upload_part::Part::Chunk(c.into())) }));
+    c.upload_update(tokio_stream::iter(msgs)).await.map(|r| r.into_inner())
+}
+
+/// A well-formed header for `payload` answering `task`.
+pub fn header_for(task: &pb::TaskRef, payload: &[u8], fingerprint: &str, chunk: usize) -> pb::UpdateHeader {
+    pb::UpdateHeader {
+        task: Some(task.clone()),
+        model_fingerprint: fingerprint.into(),
+        num_samples: 10,
+        total_bytes: payload.len() as u64,
+        sha256: sha(payload),
+        chunks: payload.len().div_ceil(chunk) as u32,
+        metrics: vec![],
+    }
+}
+
+pub fn chunks(payload: &[u8]) -> Vec<Vec<u8>> {
+    payload.chunks(fedhcc_proto::MAX_CHUNK_BYTES).map(<[u8]>::to_vec).collect()
+}
+
+/// Everything durable about a server: committed rounds and checkpoint files (name, bytes hash).
+pub fn durable_state(state: &Path) -> (Vec<fedhcc_server::store::RoundRecord>, Vec<(String, String)>) {
+    let store = fedhcc_server::store::Store::open(state, "run-1").unwrap();
+    let rounds = store.rounds().unwrap();
+    let mut files: Vec<(String, String)> = std::fs::read_dir(state.join("checkpoints"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().to_string_lossy().into_owned(), sha(&std::fs::read(e.path()).unwrap()))
+        })
+        .collect();
+    files.sort();
+    (rounds, files)
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: one test binary, a module per feature (ripgrep's layout). Every test runs a
+//! real server (the `run(...)` future or the `fedhcc` binary) on loopback with a fresh study CA and
+//! real mutual TLS.
+
+mod harness;
+mod process;
+mod rounds;
+mod tls;
+mod updates;

@@ -1,0 +1,175 @@
+//! Whole rounds with real clients: FedAvg by sample count, bit-identical reruns, a site lost
+//! mid-round (completed without it, or retried), and resuming from the database.
+
+use crate::harness::*;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+async fn run_study(dir: &std::path::Path, rounds: u32) -> (fedhcc_server::RunOutcome, Vec<u8>) {
+    make_certs(dir, &["a", "b"]);
+    let server = start_server(dir, &["a", "b"], study(rounds, 2, 60), model(1000)).await;
+    let token = CancellationToken::new();
+    let ca = tokio::spawn(fedhcc_client::run(
+        client_options(&server, "a"),
+        ConstExecutor { delta: 1.0, samples: 30, pause: Duration::ZERO },
+        token.clone(),
+    ));
+    let cb = tokio::spawn(fedhcc_client::run(
+        client_options(&server, "b"),
+        ConstExecutor { delta: -0.25, samples: 90, pause: Duration::from_millis(20) },
+        token.clone(),
+    ));
+    let mut server = server;
+    let out = server.join().await;
+    let (ra, rb) = (ca.await.unwrap().unwrap(), cb.await.unwrap().unwrap());
+    assert!(ra.finished && rb.finished, "both sites hear that the run finished");
+    assert_eq!((ra.rounds_trained, rb.rounds_trained), (rounds, rounds));
+    assert_eq!(ra.final_model_sha256, out.final_sha256);
+    let bytes = std::fs::read(&out.final_checkpoint).unwrap();
+    (out, bytes)
+}
+
+#[tokio::test]
+async fn fedavg_weights_by_samples_and_reruns_are_bit_identical() {
+    let t1 = tempfile::tempdir().unwrap();
+    let (out, bytes) = run_study(t1.path(), 3).await;
+    assert!(out.finished);
+    assert_eq!(out.rounds_completed, 3);
+    let p = fedhcc_core::params::ParameterSet::decode(&bytes).unwrap();
+    // Each round adds (30·1 + 90·(−0.25)) / 120 = 0.0625.
+    for (i, v) in p.values().iter().enumerate() {
+        assert!((v - (i as f32 + 3.0 * 0.0625)).abs() < 1e-3, "value {i}: {v}");
+    }
+    let store = fedhcc_server::store::Store::open(&t1.path().join("state"), "run-1").unwrap();
+    let rounds = store.rounds().unwrap();
+    assert_eq!(rounds.iter().map(|r| r.round).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(rounds[0].participants, ["a", "b"]);
+    assert_eq!(rounds[0].samples, [30, 90]);
+    assert!(rounds[0].bytes_in > 0 && rounds[0].bytes_out > 0);
+    assert_eq!(store.evaluations().unwrap().len(), 2, "final evaluation by both sites");
+
+    let t2 = tempfile::tempdir().unwrap();
+    let (out2, bytes2) = run_study(t2.path(), 3).await;
+    assert_eq!(out2.final_sha256, out.final_sha256, "same inputs, same bits");
+    assert_eq!(bytes, bytes2);
+}
+
+#[tokio::test]
+async fn a_site_lost_mid_round_is_left_out_when_quorum_allows() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a", "b"]);
+    let mut server = start_server(tmp.path(), &["a", "b"], study(3, 1, 60), model(100)).await;
+    let token = CancellationToken::new();
+    let ca = tokio::spawn(fedhcc_client::run(
+        client_options(&server, "a"),
+        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::from_millis(300) },
+        token.clone(),
+    ));
+    // b never finishes training; it is stopped while it trains in a round it was selected for.
+    let b_token = CancellationToken::new();
+    let cb = tokio::spawn(fedhcc_client::run(
+        client_options(&server, "b"),
+        ConstExecutor { delta: 9.0, samples: 10, pause: Duration::from_secs(3600) },
+        b_token.clone(),
+    ));
+    server
+        .wait_status("b selected", |s| s.phase == "training" && s.sites.iter().any(|x| x.site_id == "b" && x.selected))
+        .await;
+    b_token.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), cb).await.expect("b stops");
+    assert!(stopped.unwrap().is_err(), "b's training was cut short");
+    let out = server.join().await;
+    assert!(out.finished);
+    ca.await.unwrap().unwrap();
+    let store = fedhcc_server::store::Store::open(&tmp.path().join("state"), "run-1").unwrap();
+    let r = store.rounds().unwrap();
+    assert_eq!(r.len(), 3);
+    assert!(r.iter().all(|x| x.participants == ["a"]), "b's update never counted");
+    assert!(
+        r.iter().any(|x| x.failures == [("b".to_string(), "disconnected".to_string())]),
+        "the round b was selected for records it as disconnected: {:?}",
+        r.iter().map(|x| &x.failures).collect::<Vec<_>>()
+    );
+    let p = fedhcc_core::params::ParameterSet::decode(&std::fs::read(&out.final_checkpoint).unwrap()).unwrap();
+    assert!((p.values()[0] - 3.0).abs() < 1e-6, "only a's updates: {}", p.values()[0]);
+}
+
+#[tokio::test]
+async fn below_quorum_the_round_is_retried_and_then_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a", "b"]);
+    let mut server = start_server(tmp.path(), &["a", "b"], study(1, 2, 2), model(100)).await;
+    let token = CancellationToken::new();
+    let ca = tokio::spawn(fedhcc_client::run(
+        client_options(&server, "a"),
+        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::ZERO },
+        token.clone(),
+    ));
+    let b_token = CancellationToken::new();
+    let cb = tokio::spawn(fedhcc_client::run(
+        client_options(&server, "b"),
+        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::from_secs(3600) },
+        b_token.clone(),
+    ));
+    server.wait_status("round 1 under way", |s| s.phase == "training" && s.sites.iter().all(|x| x.connected)).await;
+    b_token.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), cb).await.expect("b stops");
+    assert!(stopped.unwrap().is_err(), "b's training was cut short");
+    // After the 2 s deadline, round 1 is retried; it waits for two sites again.
+    server.wait_status("retry waits for sites", |s| s.phase == "waiting_for_sites" && s.rounds.is_empty()).await;
+    let cb2 = tokio::spawn(fedhcc_client::run(
+        client_options(&server, "b"),
+        ConstExecutor { delta: 3.0, samples: 10, pause: Duration::ZERO },
+        token.clone(),
+    ));
+    let out = server.join().await;
+    assert!(out.finished);
+    ca.await.unwrap().unwrap();
+    cb2.await.unwrap().unwrap();
+    let store = fedhcc_server::store::Store::open(&tmp.path().join("state"), "run-1").unwrap();
+    let r = store.rounds().unwrap();
+    assert_eq!(r.len(), 1);
+    assert!(r[0].attempt >= 2, "attempt {}", r[0].attempt);
+    assert_eq!(r[0].participants, ["a", "b"]);
+}
+
+#[tokio::test]
+async fn restart_resumes_after_the_last_committed_round() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a"]);
+    let server = start_server(tmp.path(), &["a"], study(4, 1, 60), model(100)).await;
+    let token = CancellationToken::new();
+    let ca = tokio::spawn(fedhcc_client::run(
+        client_options(&server, "a"),
+        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::from_millis(200) },
+        token.clone(),
+    ));
+    server.wait_status("two rounds committed", |s| s.rounds.len() >= 2).await;
+    let addr = server.addr;
+    let stopped = server.stop().await;
+    assert!(!stopped.finished);
+    let committed = stopped.rounds_completed;
+    // Same address, same state folder: the client reconnects by itself.
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let opts = fedhcc_server::ServerOptions {
+        config: server_config(tmp.path(), &["a"]),
+        study: study(4, 1, 60),
+        initial_model: model(100),
+    };
+    let out = fedhcc_server::run(listener, opts, CancellationToken::new()).await.unwrap();
+    assert!(out.finished);
+    assert_eq!(out.rounds_completed, 4);
+    let client = ca.await.unwrap().unwrap();
+    assert!(client.finished);
+    let store = fedhcc_server::store::Store::open(&tmp.path().join("state"), "run-1").unwrap();
+    let rounds = store.rounds().unwrap();
+    assert_eq!(rounds.iter().map(|r| r.round).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert!(committed >= 2);
+    let p = fedhcc_core::params::ParameterSet::decode(&std::fs::read(&out.final_checkpoint).unwrap()).unwrap();
+    assert!((p.values()[0] - 4.0).abs() < 1e-6, "four rounds of +1: {}", p.values()[0]);
+}

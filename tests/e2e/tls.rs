@@ -1,0 +1,119 @@
+//! Who may talk to the server: certificates from another CA, revoked, expired, unknown sites, no
+//! certificate, plaintext, and the admin role. Every case is a real TLS 1.3 connection on loopback;
+//! a refused handshake shows on the first call (not on `connect`).
+
+use crate::harness::*;
+use fedhcc_core::pki::{self, ClientTlsFiles, Role, Validity};
+use fedhcc_proto as pb;
+use std::time::Duration;
+
+async fn join(server: &TestServer, tls: ClientTlsFiles) -> Result<pb::JoinReply, String> {
+    let target = server.target(tls);
+    let mut c = match fedhcc_client::transport::connect(&target).await {
+        Ok(c) => c,
+        Err(e) => return Err(e.to_string()),
+    };
+    c.join(pb::JoinRequest { study_id: STUDY.into(), ..Default::default() })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+async fn setup(sites: &[&str], allowed: &[&str]) -> (tempfile::TempDir, TestServer) {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), sites);
+    let server = start_server(tmp.path(), allowed, study(1, 2, 30), model(10)).await;
+    (tmp, server)
+}
+
+#[tokio::test]
+async fn accepts_a_site_of_the_study_ca() {
+    let (_t, server) = setup(&["a", "b"], &["a", "b"]).await;
+    let r = join(&server, server.site_tls("a")).await.expect("join");
+    assert_eq!((r.study_id.as_str(), r.run_id.as_str(), r.total_rounds), (STUDY, "run-1", 1));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rejects_client_cert_from_another_ca() {
+    let (t, server) = setup(&["a"], &["a"]).await;
+    let other = t.path().join("other");
+    pki::init(&other, STUDY, "localhost", &["a".into()], None, 2).unwrap();
+    let oc = pki::CertDir::new(&other);
+    // Trusts the real server CA, presents a certificate signed by another CA with the same name.
+    let tls = ClientTlsFiles { ca: server.certs().ca(), cert: oc.site("a"), key: oc.site_key("a") };
+    let err = join(&server, tls).await.unwrap_err();
+    assert!(!err.is_empty(), "refused: {err}");
+    assert!(join(&server, server.site_tls("a")).await.is_ok(), "the real site still works");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rejects_revoked_site_on_next_connection() {
+    let (_t, server) = setup(&["a", "b"], &["a", "b"]).await;
+    join(&server, server.site_tls("b")).await.expect("before revocation");
+    pki::revoke(&server.certs().dir, Role::Site, "b").unwrap();
+    let err = join(&server, server.site_tls("b")).await.unwrap_err();
+    assert!(!err.is_empty());
+    join(&server, server.site_tls("a")).await.expect("other sites unaffected");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rejects_expired_client_cert() {
+    let (_t, server) = setup(&["a"], &["a", "late"]).await;
+    let now = time::OffsetDateTime::now_utc();
+    let v = Validity { not_before: now - time::Duration::days(10), not_after: now - time::Duration::days(1) };
+    pki::issue(&server.certs().dir, Role::Site, "late", v).unwrap();
+    let err = join(&server, server.site_tls("late")).await.unwrap_err();
+    assert!(!err.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rejects_site_not_on_the_allow_list() {
+    let (_t, server) = setup(&["a", "intruder"], &["a"]).await;
+    let err = join(&server, server.site_tls("intruder")).await.unwrap_err();
+    assert!(err.contains("PermissionDenied") && err.contains("allow-list"), "{err}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rejects_a_client_without_certificate() {
+    let (_t, server) = setup(&["a"], &["a"]).await;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(server.certs().ca()).unwrap()))
+        .domain_name("localhost");
+    let ch = tonic::transport::Endpoint::from_shared(server.url()).unwrap().tls_config(tls).unwrap().connect().await;
+    let refused = match ch {
+        Err(_) => true,
+        Ok(ch) => pb::federation_client::FederationClient::new(ch).join(pb::JoinRequest::default()).await.is_err(),
+    };
+    assert!(refused);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rejects_plaintext_connections() {
+    let (_t, server) = setup(&["a"], &["a"]).await;
+    let url = format!("http://{}", server.addr);
+    let ch =
+        tonic::transport::Endpoint::from_shared(url).unwrap().connect_timeout(Duration::from_secs(5)).connect().await;
+    let refused = match ch {
+        Err(_) => true,
+        Ok(ch) => pb::federation_client::FederationClient::new(ch).join(pb::JoinRequest::default()).await.is_err(),
+    };
+    assert!(refused);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn status_needs_the_admin_role() {
+    let (_t, server) = setup(&["a"], &["a"]).await;
+    let err = server.client_as("a").await.status(pb::StatusRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("admin"), "{}", err.message());
+    let s = server.status().await;
+    assert_eq!((s.phase.as_str(), s.current_round, s.total_rounds), ("waiting_for_sites", 1, 1));
+    server.stop().await;
+}
