@@ -130,7 +130,7 @@ pub fn run(out: &Path, rounds: u32, patients: usize, seed: u64) -> Result<()> {
     }
 
     let port = free_port()?;
-    let cfg = write_configs(out, port, rounds, &sites, "kind = \"clinical\"\nhidden = [32]\ndropout = 0.1", "")?;
+    let cfg = write_configs(out, port, rounds, &sites, "kind = \"clinical\"\nhidden = []\ndropout = 0.0", "")?;
     println!("[3/5] Server on 127.0.0.1:{port} (mutual TLS 1.3)");
     let mut procs = Processes(vec![]);
     let server_cfg = cfg.join("server.toml");
@@ -161,7 +161,7 @@ pub fn run(out: &Path, rounds: u32, patients: usize, seed: u64) -> Result<()> {
                     .map(|(p, l)| format!("{p} {}", l.map(|l| format!("{l:.3}")).unwrap_or_else(|| "-".into())))
                     .collect();
                 println!(
-                    "      round {}/{rounds} committed in {:.1} s; training loss: {}",
+                    "      round {}/{rounds} committed in {:.2} s; training loss: {}",
                     r.round,
                     r.duration_s,
                     losses.join(", ")
@@ -192,7 +192,7 @@ pub fn run(out: &Path, rounds: u32, patients: usize, seed: u64) -> Result<()> {
         }
     }
 
-    println!("[5/5] Summary ({:.0} s)", t0.elapsed().as_secs_f64());
+    println!("[5/5] Summary ({:.1} s)", t0.elapsed().as_secs_f64());
     let store = fedhcc_server::store::Store::open(&state, "run-1")?;
     let rs = store.rounds()?;
     let evals = store.evaluations()?;

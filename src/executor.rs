@@ -8,7 +8,6 @@ use fedhcc_client::{EvalResult, Executor, ExecutorError, TaskControl, TrainResul
 use fedhcc_cohort::{Cohort, DesignMatrix, FeatureStats, Splits};
 use fedhcc_core::params::{Fingerprint, ParameterSet};
 use fedhcc_model::{BackendKind, ClinicalModelConfig, Dataset, TrainParams};
-use rand::{Rng, SeedableRng};
 use std::path::Path;
 
 /// A site's labelled rows, encoded for the model.
@@ -167,15 +166,25 @@ impl Executor for ClinicalExecutor {
     }
 }
 
-/// Benchmark executor: no training, the global model plus uniform noise of ±1e-3.
+/// Benchmark executor: no training, the global model plus uniform noise of ±1e-3. The noise comes
+/// from xorshift64* (not a cryptographic generator): the benchmark measures the framework, not the
+/// random number generator.
 pub struct NoiseExecutor {
     pub samples: u64,
-    pub rng: rand_chacha::ChaCha8Rng,
+    state: u64,
 }
 
 impl NoiseExecutor {
     pub fn new(samples: u64, seed: u64) -> Self {
-        Self { samples, rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed) }
+        Self { samples, state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1 }
+    }
+
+    fn next_unit(&mut self) -> f32 {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        let x = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
     }
 }
 
@@ -194,7 +203,7 @@ impl Executor for NoiseExecutor {
     ) -> Result<TrainResult, ExecutorError> {
         let mut p = global.clone();
         for v in p.values_mut() {
-            *v += self.rng.random_range(-1e-3f32..1e-3);
+            *v += 1e-3 * self.next_unit();
         }
         Ok(TrainResult { params: p, num_samples: self.samples, metrics: vec![("train_loss".into(), 0.0)] })
     }

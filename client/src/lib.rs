@@ -169,8 +169,11 @@ impl<E: Executor> Runner<E> {
         }
     }
 
-    fn task_ref(&self, t: Option<pb::TaskRef>) -> Result<pb::TaskRef, TransportError> {
-        t.ok_or_else(|| TransportError::Damaged("a task without its reference".into()))
+    /// The task's reference, unless this client already answered it (a task is resent after a
+    /// reconnect).
+    fn new_task(&self, t: Option<pb::TaskRef>) -> Result<Option<pb::TaskRef>, TransportError> {
+        let t = t.ok_or_else(|| TransportError::Damaged("a task without its reference".into()))?;
+        Ok((!self.trained_tasks.contains(&t.task_id)).then_some(t))
     }
 
     /// One connection's life: join, then serve tasks until the stream ends.
@@ -264,10 +267,7 @@ impl<E: Executor> Runner<E> {
         t: pb::TrainTask,
         shutdown: &CancellationToken,
     ) -> Result<(), ClientError> {
-        let tref = self.task_ref(t.task.clone())?;
-        if self.trained_tasks.contains(&tref.task_id) {
-            return Ok(());
-        }
+        let Some(tref) = self.new_task(t.task.clone())? else { return Ok(()) };
         let round = tref.round;
         self.status(
             "downloading",
@@ -323,10 +323,7 @@ impl<E: Executor> Runner<E> {
         t: pb::EvaluateTask,
         shutdown: &CancellationToken,
     ) -> Result<(), ClientError> {
-        let tref = self.task_ref(t.task.clone())?;
-        if self.trained_tasks.contains(&tref.task_id) {
-            return Ok(());
-        }
+        let Some(tref) = self.new_task(t.task.clone())? else { return Ok(()) };
         let round = tref.round;
         self.status("evaluating", format!("evaluating the model of round {round} on the '{}' split", t.split), round);
         let (global, n) = transport::download(client, tref.clone(), &t.model_sha256).await?;

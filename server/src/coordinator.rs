@@ -376,7 +376,7 @@ impl Coordinator {
         self.results.clear();
         let last = self.completed >= self.cfg.rounds;
         let k = self.cfg.evaluate_every;
-        if last || (k > 0 && self.completed % k == 0) {
+        if last || (k > 0 && self.completed.is_multiple_of(k)) {
             self.phase = Phase::Evaluating;
             return self.try_start(TaskKind::Evaluate, now);
         }

@@ -154,6 +154,10 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Bounded per-connection buffering: with many sites uploading at once, memory is set by
+        // these windows and the 1 MiB message limit, not by the model size.
+        .initial_stream_window_size(Some(512 * 1024))
+        .initial_connection_window_size(Some(1024 * 1024))
         .add_service(
             pb::federation_server::FederationServer::new(svc)
                 .max_decoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES)

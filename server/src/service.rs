@@ -279,7 +279,8 @@ impl pb::federation_server::Federation for FederationService {
             tracing::error!(path = %g.path.display(), error = %e, "cannot open the global model checkpoint");
             Status::internal("the server cannot read its global model; the study lead has been told in the server log")
         })?;
-        let (tx, rx) = mpsc::channel(4);
+        // One chunk in flight per download: memory per site stays about 2 MiB.
+        let (tx, rx) = mpsc::channel(1);
         let chunks = g.bytes.div_ceil(MAX_CHUNK_BYTES as u64) as u32;
         let header = pb::ModelPart {
             part: Some(pb::model_part::Part::Header(pb::ModelHeader {

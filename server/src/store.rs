@@ -129,16 +129,7 @@ impl Store {
     /// # Errors
     /// Database failure or an unreadable record.
     pub fn rounds(&self) -> Result<Vec<RoundRecord>, StoreError> {
-        let mut stmt =
-            self.conn.prepare("SELECT record FROM rounds WHERE run_id = ?1 ORDER BY round").map_err(self.db())?;
-        let rows = stmt
-            .query_map(params![self.run_id], |r| r.get::<_, String>(0))
-            .map_err(self.db())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.db())?;
-        rows.iter()
-            .map(|t| serde_json::from_str(t).map_err(|e| StoreError::Inconsistent(format!("round record: {e}"))))
-            .collect()
+        self.records("SELECT record FROM rounds WHERE run_id = ?1 ORDER BY round", "round record")
     }
 
     /// Evaluation reports of this run.
@@ -146,17 +137,18 @@ impl Store {
     /// # Errors
     /// Database failure or an unreadable record.
     pub fn evaluations(&self) -> Result<Vec<EvaluationRecord>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT record FROM evaluations WHERE run_id = ?1 ORDER BY round, site")
-            .map_err(self.db())?;
+        self.records("SELECT record FROM evaluations WHERE run_id = ?1 ORDER BY round, site", "evaluation record")
+    }
+
+    fn records<T: serde::de::DeserializeOwned>(&self, sql: &str, what: &str) -> Result<Vec<T>, StoreError> {
+        let mut stmt = self.conn.prepare(sql).map_err(self.db())?;
         let rows = stmt
             .query_map(params![self.run_id], |r| r.get::<_, String>(0))
             .map_err(self.db())?
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.db())?;
         rows.iter()
-            .map(|t| serde_json::from_str(t).map_err(|e| StoreError::Inconsistent(format!("evaluation record: {e}"))))
+            .map(|t| serde_json::from_str(t).map_err(|e| StoreError::Inconsistent(format!("{what}: {e}"))))
             .collect()
     }
 

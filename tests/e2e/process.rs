@@ -111,8 +111,11 @@ async fn server_killed_mid_round_resumes_with_every_round_intact() {
     // Kill the server while round 3 is being trained (two rounds committed).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let s = ts.admin().await.status(fedhcc_proto::StatusRequest {}).await;
-        if let Ok(s) = s
+        // The server process may not be listening yet: a failed connection is retried.
+        let c = ts.certs();
+        let tls = fedhcc_core::pki::ClientTlsFiles { ca: c.ca(), cert: c.admin("lead"), key: c.admin_key("lead") };
+        if let Ok(mut admin) = fedhcc_client::transport::connect(&ts.target(tls)).await
+            && let Ok(s) = admin.status(fedhcc_proto::StatusRequest {}).await
             && s.into_inner().rounds.len() >= 2
         {
             break;

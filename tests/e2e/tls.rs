@@ -19,6 +19,14 @@ async fn join(server: &TestServer, tls: ClientTlsFiles) -> Result<pb::JoinReply,
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
 }
 
+/// Whether a connection through `endpoint` fails, at connect or on its first call.
+async fn refused(endpoint: tonic::transport::Endpoint) -> bool {
+    match endpoint.connect().await {
+        Err(_) => true,
+        Ok(ch) => pb::federation_client::FederationClient::new(ch).join(pb::JoinRequest::default()).await.is_err(),
+    }
+}
+
 async fn setup(sites: &[&str], allowed: &[&str]) -> (tempfile::TempDir, TestServer) {
     let tmp = tempfile::tempdir().unwrap();
     make_certs(tmp.path(), sites);
@@ -84,12 +92,7 @@ async fn rejects_a_client_without_certificate() {
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(server.certs().ca()).unwrap()))
         .domain_name("localhost");
-    let ch = tonic::transport::Endpoint::from_shared(server.url()).unwrap().tls_config(tls).unwrap().connect().await;
-    let refused = match ch {
-        Err(_) => true,
-        Ok(ch) => pb::federation_client::FederationClient::new(ch).join(pb::JoinRequest::default()).await.is_err(),
-    };
-    assert!(refused);
+    assert!(refused(tonic::transport::Endpoint::from_shared(server.url()).unwrap().tls_config(tls).unwrap()).await);
     server.stop().await;
 }
 

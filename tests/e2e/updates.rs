@@ -111,7 +111,6 @@ async fn bad_updates_are_refused_and_change_nothing() {
     wrong_run.run_id = "run-0".into();
     expect("other run", header_for(&wrong_run, &good, &fp, 1 << 20), chunks(&good), Code::FailedPrecondition, "run-0")
         .await;
-    drop(expect);
     let err = a
         .upload_update(tokio_stream::iter(vec![pb::UploadPart {
             part: Some(pb::upload_part::Part::Chunk(vec![1].into())),

@@ -41,8 +41,25 @@ fn base_dir(path: &Path) -> PathBuf {
 
 fn resolve(base: &Path, p: &mut PathBuf) {
     if p.is_relative() {
-        *p = base.join(&*p);
+        *p = normalize(&base.join(&*p));
     }
+}
+
+/// Removes `.` and `name/..` lexically, so messages show `site/data` rather than
+/// `site/configs/../data`.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
 }
 
 /// How the federation runs: rounds, quorum, timeouts.

@@ -481,6 +481,9 @@ pub fn decode_header(bytes: &[u8]) -> Result<(Layout, usize), ParamsError> {
     Ok((layout, end))
 }
 
+/// Values decoded at a time by [`PayloadReader`].
+const READ_BLOCK: usize = 8192;
+
 /// Incremental payload reader: feed chunks as they arrive; values are handed to a callback with
 /// their flat offset, so a caller can check or fold them without buffering the payload.
 #[derive(Debug, Default)]
@@ -546,15 +549,18 @@ impl PayloadReader {
             if self.offset + n > total {
                 return Err(ParamsError::TrailingBytes { extra: (self.offset + n - total) * 4 });
             }
-            self.scratch.clear();
-            self.scratch.extend(chunk[..whole].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
-            if let Some(i) = self.scratch.iter().position(|v| !v.is_finite())
-                && let Some(layout) = self.layout.as_ref()
-            {
-                return Err(non_finite_error(layout, self.offset + i, self.scratch[i]));
+            // Decoded in small blocks: the reader's memory stays constant whatever the chunk size.
+            for block in chunk[..whole].chunks(4 * READ_BLOCK) {
+                self.scratch.clear();
+                self.scratch.extend(block.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                if let Some(i) = self.scratch.iter().position(|v| !v.is_finite())
+                    && let Some(layout) = self.layout.as_ref()
+                {
+                    return Err(non_finite_error(layout, self.offset + i, self.scratch[i]));
+                }
+                on_values(self.offset, &self.scratch);
+                self.offset += self.scratch.len();
             }
-            on_values(self.offset, &self.scratch);
-            self.offset += n;
         }
         self.carry.extend_from_slice(&chunk[whole..]);
         if self.offset == total && !self.carry.is_empty() {
