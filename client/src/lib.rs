@@ -274,7 +274,7 @@ impl<E: Executor> Runner<E> {
             format!("round {round}: downloading the global model ({} bytes)", t.model_bytes),
             round,
         );
-        let (global, n) = transport::download(client, tref.clone(), &t.model_sha256).await?;
+        let Some((global, n)) = fetch(client, &tref, &t.model_sha256).await? else { return Ok(()) };
         self.outcome.bytes_down += n;
         let spec = TrainSpec {
             round,
@@ -326,7 +326,7 @@ impl<E: Executor> Runner<E> {
         let Some(tref) = self.new_task(t.task.clone())? else { return Ok(()) };
         let round = tref.round;
         self.status("evaluating", format!("evaluating the model of round {round} on the '{}' split", t.split), round);
-        let (global, n) = transport::download(client, tref.clone(), &t.model_sha256).await?;
+        let Some((global, n)) = fetch(client, &tref, &t.model_sha256).await? else { return Ok(()) };
         self.outcome.bytes_down += n;
         let split = t.split.clone();
         let res = self.run_blocking(shutdown, move |e, ctl| e.evaluate(&global, &split, ctl)).await??;
@@ -345,6 +345,22 @@ impl<E: Executor> Runner<E> {
         self.trained_tasks.insert(tref.task_id.clone());
         self.status("waiting", format!("evaluation of round {round} sent; waiting"), round);
         Ok(())
+    }
+}
+
+/// Downloads a task's model; `None` when the task closed meanwhile (the next one will come).
+async fn fetch(
+    client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+    tref: &pb::TaskRef,
+    sha: &str,
+) -> Result<Option<(ParameterSet, u64)>, TransportError> {
+    match transport::download(client, tref.clone(), sha).await {
+        Ok(v) => Ok(Some(v)),
+        Err(TransportError::Status(s)) if s.code() == tonic::Code::FailedPrecondition => {
+            tracing::warn!(task = %tref.task_id, reason = s.message(), "task no longer open; waiting for the next");
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
