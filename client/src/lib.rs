@@ -291,11 +291,11 @@ impl<E: Executor> Runner<E> {
         let g = Arc::new(global);
         let g2 = Arc::clone(&g);
         let result = self.run_blocking(shutdown, move |e, ctl| e.train(&g2, &spec, ctl)).await??;
-        let delta = result
-            .params
-            .delta_from(&g)
+        let mut delta = result.params;
+        delta
+            .subtract_in_place(&g)
             .map_err(|e| ExecutorError(format!("trained model does not match the global layout: {e}")))?;
-        drop(result.params);
+        drop(g);
         let mut metrics = result.metrics;
         metrics.push(("train_seconds".into(), started.elapsed().as_secs_f64()));
         self.status("uploading", format!("round {round}: uploading the update"), round);

@@ -1,7 +1,7 @@
 //! The client's side of the wire: mutual-TLS channel, chunked download and upload. With the
 //! server's service layer, the only place prost types are used.
 
-use fedhcc_core::params::{ParameterSet, sha256_hex};
+use fedhcc_core::params::{ParameterSet, PayloadReader, sha256_hex};
 use fedhcc_core::pki::ClientTlsFiles;
 use fedhcc_proto as pb;
 use fedhcc_proto::MAX_CHUNK_BYTES;
@@ -105,27 +105,37 @@ pub async fn download(
             "the model declares {total} bytes, more than this client accepts"
         )));
     }
-    let mut buf = Vec::with_capacity(total);
+    // Decoded as it arrives, straight into the model's values: one model-sized allocation.
+    let mut reader = PayloadReader::new();
+    let mut values: Vec<f32> = Vec::with_capacity(total / 4);
+    let mut received = 0usize;
     let mut hasher = Sha256::new();
     while let Some(part) = stream.message().await? {
         let Some(pb::model_part::Part::Chunk(c)) = part.part else {
             return Err(TransportError::Damaged("a second header inside the download".into()));
         };
-        if c.len() > MAX_CHUNK_BYTES || buf.len() + c.len() > total {
+        if c.len() > MAX_CHUNK_BYTES || received + c.len() > total {
             return Err(TransportError::Damaged("the download is longer than announced".into()));
         }
+        received += c.len();
         hasher.update(&c);
-        buf.extend_from_slice(&c);
+        reader
+            .push(&c, |off, vals| {
+                debug_assert_eq!(off, values.len());
+                values.extend_from_slice(vals);
+            })
+            .map_err(|e| TransportError::Damaged(e.to_string()))?;
     }
-    if buf.len() != total {
-        return Err(TransportError::Damaged(format!("received {} of {total} bytes", buf.len())));
+    if received != total {
+        return Err(TransportError::Damaged(format!("received {received} of {total} bytes")));
     }
     let got = hex::encode(hasher.finalize());
     if got != header.sha256 {
         return Err(TransportError::Damaged(format!("SHA-256 {got} differs from the announced {}", header.sha256)));
     }
-    let params = ParameterSet::decode(&buf).map_err(|e| TransportError::Damaged(e.to_string()))?;
-    drop(buf);
+    reader.finish().map_err(|e| TransportError::Damaged(e.to_string()))?;
+    let layout = reader.layout().cloned().ok_or_else(|| TransportError::Damaged("no model header".into()))?;
+    let params = ParameterSet::new(layout, values).map_err(|e| TransportError::Damaged(e.to_string()))?;
     if params.fingerprint().to_hex() != header.model_fingerprint {
         return Err(TransportError::Damaged("the model's layout differs from its header".into()));
     }

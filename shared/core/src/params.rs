@@ -333,6 +333,18 @@ impl ParameterSet {
         Ok(Self { layout: self.layout.clone(), data })
     }
 
+    /// Turns `self` into `self - base` in place (no second model-sized allocation).
+    ///
+    /// # Errors
+    /// The layouts differ.
+    pub fn subtract_in_place(&mut self, base: &ParameterSet) -> Result<(), ParamsError> {
+        self.require_same_layout(base)?;
+        for (a, b) in self.data.iter_mut().zip(&base.data) {
+            *a -= b;
+        }
+        Ok(())
+    }
+
     /// `self += scale * other`, elementwise.
     ///
     /// # Errors
@@ -705,6 +717,9 @@ mod tests {
         let mut q = p.clone();
         q.values_mut().iter_mut().for_each(|v| *v += 1.0);
         let d = q.delta_from(&p).unwrap();
+        let mut q2 = q.clone();
+        q2.subtract_in_place(&p).unwrap();
+        assert_eq!(q2, d);
         assert!(d.values().iter().all(|&v| (v - 1.0).abs() < 1e-6 || v == 0.0 || (v - 1.0).abs() < 1e-3));
         let mut r = p.clone();
         r.add_scaled(&d, 0.5).unwrap();
