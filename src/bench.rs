@@ -179,7 +179,7 @@ fn tempfile_dir() -> Result<TempDir> {
     let base = std::env::temp_dir().join(format!(
         "fedhcc-bench-{}-{}",
         std::process::id(),
-        Instant::now().elapsed().as_nanos()
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
     ));
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
     Ok(TempDir(base))

@@ -271,6 +271,22 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Checks whether `site` may download the model of `task_id` now: the task is the current one
+    /// and the site was selected for it (answering again is refused at submission).
+    ///
+    /// # Errors
+    /// A [`Refusal`] saying why not.
+    pub fn check_download(&self, site: &str, task_id: &str) -> Result<(), Refusal> {
+        match &self.task {
+            Some(t) if t.id == task_id && t.selected.contains(site) => Ok(()),
+            Some(t) if t.id == task_id => Err(Refusal::NotSelected { task: t.id.clone() }),
+            _ => {
+                let kind = parse_task_id(task_id).map(|k| k.0).unwrap_or(TaskKind::Train);
+                self.check_submission(site, kind, task_id).and(Err(Refusal::WrongPhase { phase: self.phase }))
+            }
+        }
+    }
+
     /// A site's answer passed every check and is stored (spooled): count it.
     ///
     /// # Errors
@@ -301,7 +317,6 @@ impl Coordinator {
         let pending: BTreeSet<&String> = task.selected.iter().filter(|s| !self.results.contains_key(*s)).collect();
         let all_answered = pending.is_empty();
         let rest_gone = pending.iter().all(|s| !self.connected.contains(*s));
-        let enough = self.results.len() >= self.cfg.min_sites.min(task.selected.len().max(1));
         match task.kind {
             TaskKind::Train => {
                 let enough = self.results.len() >= self.cfg.min_sites;
@@ -344,7 +359,6 @@ impl Coordinator {
                 vec![]
             }
             TaskKind::Evaluate => {
-                let _ = enough;
                 if all_answered || rest_gone || deadline_passed {
                     self.deadline = None;
                     let reported: BTreeSet<String> = self.results.keys().cloned().collect();
@@ -463,6 +477,18 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn downloads_only_for_the_current_task_and_selected_sites() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new(cfg(3, 1), 0);
+        c.sites_changed(set(&["a"]), t0);
+        c.sites_changed(set(&["a", "b"]), t0);
+        assert_eq!(c.check_download("a", "r1a1"), Ok(()));
+        assert_eq!(c.check_download("b", "r1a1"), Err(Refusal::NotSelected { task: "r1a1".into() }));
+        assert!(matches!(c.check_download("a", "r0a1"), Err(Refusal::Stale { .. })));
+        assert!(matches!(c.check_download("a", "r5a1"), Err(Refusal::Future { .. })));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use coordinator::{Action, Coordinator, CoordinatorConfig, Phase, TaskKind};
 use fedhcc_core::config::{ServerConfig, StudyConfig};
 use fedhcc_core::params::{Layout, ParameterSet, decode_header};
 use fedhcc_proto as pb;
-use state::{Announcement, GlobalModel, Job, Shared, lock};
+use state::{Announcement, GlobalModel, Shared, lock};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -223,7 +223,7 @@ fn verify_checkpoint(store: &Store, path: &Path, sha: &str) -> Result<Layout, Se
 /// tasks at their deadline. Returns whether the run finished.
 async fn drive(
     shared: Arc<Shared>,
-    mut jobs: mpsc::Receiver<Job>,
+    mut jobs: mpsc::Receiver<Action>,
     mut strategy: Box<dyn Strategy>,
     keep: usize,
 ) -> bool {
@@ -234,7 +234,7 @@ async fn drive(
         tokio::select! {
             _ = shared.shutdown.cancelled() => return false,
             job = jobs.recv() => {
-                let Some(Job::Act(action)) = job else { return false };
+                let Some(action) = job else { return false };
                 if handle_action(&shared, action, &mut strategy, keep).await {
                     // Give every site a moment to hear that the run is over, then stop.
                     let grace = Instant::now() + Duration::from_secs(10);

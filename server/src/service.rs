@@ -253,24 +253,9 @@ impl pb::federation_server::Federation for FederationService {
     async fn download_model(&self, req: Request<pb::TaskRef>) -> Result<Response<Self::DownloadModelStream>, Status> {
         let site = self.site(&req)?;
         let t = self.check_task_ref(Some(req.get_ref())).map_err(|s| self.refuse(&site, s))?;
-        let kind = parse_task_id(&t.task_id).map(|k| k.0).unwrap_or(TaskKind::Train);
-        {
-            let coord = lock(&self.shared.coord);
-            match coord.current_task() {
-                Some(task) if task.id == t.task_id => {
-                    if !task.selected.contains(&site) {
-                        return Err(self.refuse(&site, refusal_status(&Refusal::NotSelected { task: task.id.clone() })));
-                    }
-                }
-                _ => {
-                    drop(coord);
-                    let r = lock(&self.shared.coord).check_submission(&site, kind, &t.task_id).err();
-                    let status =
-                        r.map(|r| refusal_status(&r)).unwrap_or_else(|| Status::failed_precondition("no such task"));
-                    return Err(self.refuse(&site, status));
-                }
-            }
-        }
+        lock(&self.shared.coord)
+            .check_download(&site, &t.task_id)
+            .map_err(|r| self.refuse(&site, refusal_status(&r)))?;
         let g = self
             .shared
             .global()

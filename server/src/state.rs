@@ -39,12 +39,6 @@ pub struct Announcement {
     pub finished: Option<u32>,
 }
 
-/// Work for the round driver (IO that must not run inside a request handler).
-#[derive(Debug)]
-pub enum Job {
-    Act(Action),
-}
-
 /// Per-site facts for the status view.
 #[derive(Clone, Debug, Default)]
 pub struct SiteInfo {
@@ -69,8 +63,9 @@ pub struct Shared {
     pub sites: Mutex<BTreeMap<String, SiteInfo>>,
     /// Wakes the driver when the coordinator's deadline may have changed.
     pub wake: Notify,
-    /// Sender of the driver's job queue; the driver holds the receiver.
-    pub jobs: mpsc::Sender<Job>,
+    /// Actions for the round driver (IO that must not run in a request handler); the driver holds
+    /// the receiver.
+    pub jobs: mpsc::Sender<Action>,
     /// Spooled updates: `spool/<task>/<site>.upd`.
     pub spool_dir: PathBuf,
     /// Used from `spawn_blocking` and short handler sections only.
@@ -110,7 +105,7 @@ impl Shared {
                     self.announce.send_modify(|an| an.task = Some(task));
                 }
                 other => {
-                    if let Err(e) = self.jobs.try_send(Job::Act(other)) {
+                    if let Err(e) = self.jobs.try_send(other) {
                         tracing::error!(error = %e, "round driver queue is full; action dropped");
                     }
                 }

@@ -100,7 +100,8 @@ impl Store {
     /// # Errors
     /// The folder holds another study, run or model layout.
     pub fn check_identity(&self, study: &str, fingerprint: &str) -> Result<(), StoreError> {
-        for (key, want) in [("study_id", study), (&format!("fingerprint:{}", self.run_id)[..], fingerprint)] {
+        let fingerprint_key = format!("fingerprint:{}", self.run_id);
+        for (key, want) in [("study_id", study), (fingerprint_key.as_str(), fingerprint)] {
             let have: Option<String> = self
                 .conn
                 .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
