@@ -75,6 +75,11 @@ pub struct LabelFlow {
     pub positive: usize,
     pub negative: usize,
     pub unlabelled: usize,
+    /// Positive share of the labelled patients (`null` when none is labelled).
+    pub prevalence: Option<f64>,
+    /// For the aggressive-recurrence label: share of the labelled patients with a first recurrence within the
+    /// horizon (aggressive or within Milan); `null` for other labels.
+    pub recurrence_within_horizon: Option<f64>,
     /// Per reason, in a fixed order; zero counts are kept so reports line up across sites.
     pub by_reason: Vec<ReasonCount>,
 }
@@ -193,7 +198,27 @@ impl DataCheck {
         }
         let positive = patients.iter().filter(|p| matches!(p.label, Some(l) if l != 0)).count();
         let negative = patients.iter().filter(|p| p.label == Some(0)).count();
-        let label_flow = LabelFlow { total: n, positive, negative, unlabelled: n - positive - negative, by_reason };
+        let labelled = positive + negative;
+        let share = |k: usize| (labelled > 0).then(|| k as f64 / labelled as f64);
+        let recurrence_within_horizon = matches!(spec.label, LabelSpec::AggressiveRecurrence)
+            .then(|| {
+                let early = patients
+                    .iter()
+                    .filter(|p| p.label.is_some())
+                    .filter(|p| matches!(p.label_reason, Some(LabelReason::Aggressive | LabelReason::EarlyWithinMilan)))
+                    .count();
+                share(early)
+            })
+            .flatten();
+        let label_flow = LabelFlow {
+            total: n,
+            positive,
+            negative,
+            unlabelled: n - positive - negative,
+            prevalence: share(positive),
+            recurrence_within_horizon,
+            by_reason,
+        };
 
         let events = |times: Vec<Option<(f64, bool)>>| {
             let with_time = times.iter().flatten().count();
@@ -277,6 +302,12 @@ impl DataCheck {
         ));
         for r in &f.by_reason {
             line(format!("  {:<26} {:<11} {}", r.reason, r.label, r.count));
+        }
+        if let Some(p) = f.prevalence {
+            line(format!("  positive share of the labelled: {:.1}%", 100.0 * p));
+        }
+        if let Some(r) = f.recurrence_within_horizon {
+            line(format!("  first recurrence within the horizon (any pattern), share of the labelled: {:.1}%", 100.0 * r));
         }
         for (name, counts) in [("Survival outcome", &self.survival), ("Overall survival", &self.overall_survival)] {
             if let Some(c) = counts {

@@ -38,6 +38,9 @@ pub enum CohortError {
     /// A caller passed an argument outside its documented range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Writing or checking a synthetic image failed (the message names the file).
+    #[error("{0}")]
+    Image(#[from] fedhcc_imaging::ImagingError),
     /// Writing a file (or renaming its temporary file into place) failed.
     #[error("cannot write {path}: {source}")]
     Write {

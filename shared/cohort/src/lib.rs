@@ -12,6 +12,7 @@
 //!   and the [`DesignMatrix`] whose width depends only on the spec.
 //! - [`split`]: deterministic stratified train/validation/test [`Splits`].
 //! - [`synth`]: the clinical part of the synthetic multi-center HCC cohort.
+//! - [`synth_images`]: its MRI studies and H&E slides, per patient, in the real formats.
 //! - [`check`]: the [`DataCheck`] report a site operator reads before anything trains.
 //!
 //! Invariant: no function in this crate logs, and no error or report carries a patient-level value other
@@ -25,6 +26,7 @@ pub mod outcomes;
 pub mod spec;
 pub mod split;
 pub mod synth;
+pub mod synth_images;
 
 pub use check::DataCheck;
 pub use cohort::{Cohort, FeatureValue, IssueKind, LoadReport, Patient, RowIssue};

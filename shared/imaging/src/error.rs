@@ -76,6 +76,15 @@ pub enum ImagingError {
         /// What is wrong with the request.
         reason: String,
     },
+    /// The file (or folder) is readable but its content cannot be used: an empty tumour mask, a NaN voxel, a
+    /// phase on another grid than its mask, two candidate files for one phase.
+    #[error("{}: {reason}", path.display())]
+    Unusable {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// What is wrong and, where there is one, what to do about it.
+        reason: String,
+    },
 }
 
 impl ImagingError {
@@ -97,5 +106,9 @@ impl ImagingError {
 
     pub(crate) fn request(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         Self::InvalidRequest { path: path.into(), reason: reason.into() }
+    }
+
+    pub(crate) fn unusable(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Self::Unusable { path: path.into(), reason: reason.into() }
     }
 }

@@ -9,8 +9,12 @@
 //! stripped, is a level when its size is a downsample of level 0 (same aspect, smaller) and it is not a mask
 //! (`NewSubfileType` bit 2) or a label/macro by description. Levels are ordered from largest to smallest.
 
+mod cache;
 mod codec;
+mod features;
 mod ifd;
+mod jpeg_writer;
+mod tiles;
 mod tissue;
 mod writer;
 
@@ -18,7 +22,13 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+pub use cache::{FeatureCache, file_sha256};
 pub use codec::Compression;
+pub use features::{
+    HANDCRAFTED_HE_NAME, HandcraftedHe, PatchFeatureExtractor, SlideFeatures, extract_slide_features,
+};
+pub use jpeg_writer::{JpegPyramid, MAX_JPEG_TILE, RegionSource, write_jpeg_pyramid_tiff};
+pub use tiles::{TilePlan, TilingConfig, plan_tiles};
 pub use tissue::{TissueMask, tissue_mask};
 pub use writer::write_pyramid_tiff;
 

@@ -17,6 +17,8 @@ use crate::ImagingError;
 const FORMAT: &str = "DICOM";
 /// Relative tolerance on slice gaps and on direction cosines agreeing between slices.
 const GEOMETRY_TOLERANCE: f64 = 0.01;
+/// How many missing slice positions an error message lists before counting the rest.
+const MAX_LISTED_GAPS: usize = 10;
 
 /// Native (uncompressed) transfer syntaxes: implicit VR LE, explicit VR LE, deflated explicit VR LE, explicit
 /// VR BE.
@@ -185,18 +187,11 @@ pub fn read_dicom_slice(path: &Path) -> Result<DicomSlice, ImagingError> {
 ///
 /// Any error of [`read_dicom_slice`] for the first bad file; [`ImagingError::Series`] if the folder is
 /// empty, if slices differ in size, spacing or orientation, if two slices share a position, or if the gaps
-/// between neighbouring slices are not uniform (a missing slice), naming the gap.
+/// between neighbouring slices are not uniform (a missing slice), naming the gap and listing where the
+/// missing slices would be (mm along the slice normal and the `ImagePositionPatient` they would have).
 pub fn read_dicom_series(dir: &Path) -> Result<Volume, ImagingError> {
     let series_err = |reason: String| ImagingError::Series { dir: dir.to_path_buf(), reason };
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| ImagingError::io(dir, e))? {
-        let entry = entry.map_err(|e| ImagingError::io(dir, e))?;
-        let hidden = entry.file_name().to_string_lossy().starts_with('.');
-        if !hidden && entry.file_type().map_err(|e| ImagingError::io(entry.path(), e))?.is_file() {
-            files.push(entry.path());
-        }
-    }
-    files.sort();
+    let files = series_files(dir)?;
     if files.is_empty() {
         return Err(series_err("the folder holds no files".into()));
     }
@@ -241,23 +236,30 @@ pub fn read_dicom_series(dir: &Path) -> Result<Volume, ImagingError> {
                 ordered[i].0
             )));
         }
-        for (i, &g) in gaps.iter().enumerate() {
-            if (g - smallest).abs() > GEOMETRY_TOLERANCE * smallest + 1e-3 {
-                let missing = (g / smallest).round() - 1.0;
-                return Err(series_err(format!(
-                    "gap of {g:.3} mm between {} (at {:.3} mm) and {} (at {:.3} mm) where the other slices are \
-                     {smallest:.3} mm apart: {} missing",
-                    file_name(&ordered[i].1.path),
-                    ordered[i].0,
-                    file_name(&ordered[i + 1].1.path),
-                    ordered[i + 1].0,
-                    if missing >= 1.0 {
-                        format!("about {missing} slice(s) are")
-                    } else {
-                        "spacing is irregular, slices are".into()
-                    }
-                )));
+        let irregular: Vec<usize> =
+            (0..gaps.len()).filter(|&i| (gaps[i] - smallest).abs() > GEOMETRY_TOLERANCE * smallest + 1e-3).collect();
+        if let Some(&i) = irregular.first() {
+            let g = gaps[i];
+            let missing = (g / smallest).round() - 1.0;
+            let mut reason = format!(
+                "gap of {g:.3} mm between {} (at {:.3} mm) and {} (at {:.3} mm) where the other slices are \
+                 {smallest:.3} mm apart: {} missing",
+                file_name(&ordered[i].1.path),
+                ordered[i].0,
+                file_name(&ordered[i + 1].1.path),
+                ordered[i + 1].0,
+                if missing >= 1.0 {
+                    format!("about {missing} slice(s) are")
+                } else {
+                    "spacing is irregular, slices are".into()
+                }
+            );
+            let positions = missing_positions(&ordered, &irregular, smallest, normal);
+            if !positions.is_empty() {
+                reason.push_str("; missing slice position(s) along the slice normal: ");
+                reason.push_str(&positions.join(", "));
             }
+            return Err(series_err(reason));
         }
         (ordered[ordered.len() - 1].0 - ordered[0].0) / gaps.len() as f64
     } else {
@@ -297,6 +299,49 @@ pub fn read_dicom_series(dir: &Path) -> Result<Volume, ImagingError> {
         affine,
         data,
     })
+}
+
+/// The files [`read_dicom_series`] reads from `dir`: regular files whose names do not start with `.`, sorted.
+pub(crate) fn series_files(dir: &Path) -> Result<Vec<PathBuf>, ImagingError> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| ImagingError::io(dir, e))? {
+        let entry = entry.map_err(|e| ImagingError::io(dir, e))?;
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if !hidden && entry.file_type().map_err(|e| ImagingError::io(entry.path(), e))?.is_file() {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Where the slices missing from the `irregular` gaps would be, as "<mm along the normal> mm
+/// (ImagePositionPatient x\\y\\z)", at most [`MAX_LISTED_GAPS`] entries then a count of the rest.
+fn missing_positions(ordered: &[(f64, &DicomSlice)], irregular: &[usize], step: f64, normal: [f64; 3]) -> Vec<String> {
+    let mut listed = Vec::new();
+    let mut more = 0f64;
+    for &i in irregular {
+        let (start, slice) = ordered[i];
+        // Slices that fit in the gap; computed, not counted, since positions come from the files.
+        let missing = ((ordered[i + 1].0 - start) / step).round() - 1.0;
+        let shown = missing.min((MAX_LISTED_GAPS - listed.len()) as f64).max(0.0) as usize;
+        more += (missing - shown as f64).max(0.0);
+        for j in 1..=shown {
+            let d = step * j as f64;
+            let p = slice.position;
+            listed.push(format!(
+                "{:.3} mm (ImagePositionPatient {:.3}\\{:.3}\\{:.3})",
+                start + d,
+                p[0] + d * normal[0],
+                p[1] + d * normal[1],
+                p[2] + d * normal[2]
+            ));
+        }
+    }
+    if more > 0.0 {
+        listed.push(format!("and {more} more"));
+    }
+    listed
 }
 
 fn file_name(path: &Path) -> String {

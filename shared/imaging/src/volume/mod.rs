@@ -10,12 +10,18 @@
 //! 4-D inputs (DWI, dynamic series) are read whole with [`read_nifti_frames`] into a [`Volume4`], whose frames
 //! are stacked after each other; [`read_nifti`] returns the first frame only, which is what one-volume-per-
 //! phase callers want.
+//!
+//! [`preprocess_mri`] turns one patient's phases and tumour mask into the model's fixed-size, tumour-centred
+//! crop ([`MriCrop`], stored with [`MriCrop::write`]); its module documentation describes the pipeline.
 
+mod crop_file;
 mod dicom;
 mod nifti;
+pub mod preprocess;
 
 pub use dicom::{DicomSlice, read_dicom_series, read_dicom_slice};
 pub use nifti::{NiftiDatatype, NiftiInfo, StorageType, read_nifti, read_nifti_frames, write_nifti_gz};
+pub use preprocess::{MriCrop, MriPrepConfig, PatientMriFiles, PhaseSource, find_patient_mri, preprocess_mri};
 
 /// One 3-D scalar volume with its geometry.
 #[derive(Debug, Clone, PartialEq)]

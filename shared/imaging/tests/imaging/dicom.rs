@@ -129,6 +129,8 @@ fn a_missing_middle_slice_is_reported_with_its_gap() {
     let msg = err.to_string();
     let folder = dir.path().display().to_string();
     assert!(msg.contains(&folder) && msg.contains("gap of 5.000 mm") && msg.contains("missing"), "{msg}");
+    // Where slice 2 would be: 30 + 2 × 2.5 mm along the normal (+z), origin (10, −20) in plane.
+    assert!(msg.contains("35.000 mm (ImagePositionPatient 10.000\\-20.000\\35.000)"), "{msg}");
 }
 
 #[test]

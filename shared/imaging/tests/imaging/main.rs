@@ -2,6 +2,8 @@
 //! (nibabel, pydicom, tifffile) report for them in `tests/fixtures/REFERENCE.json`.
 
 mod dicom;
+mod features;
 mod nifti;
+mod preprocess;
 mod reference;
 mod slide;
