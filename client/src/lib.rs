@@ -4,8 +4,10 @@
 //! jitter, so a server restart or a network outage only delays it.
 //!
 //! - [`transport`]: TLS channel, chunked download/upload (the only place prost types are used).
+//! - [`local_layers`]: FedBN, an executor wrapper that keeps normalisation layers at the site.
 //! - [`run`]: the task loop.
 
+pub mod local_layers;
 pub mod transport;
 
 use fedhcc_core::params::{Fingerprint, ParameterSet};
@@ -90,6 +92,27 @@ pub trait Executor: Send + 'static {
     /// # Errors
     /// The data or model cannot be used.
     fn evaluate(&mut self, global: &ParameterSet, split: &str, ctl: &TaskControl) -> Result<EvalResult, ExecutorError>;
+}
+
+/// A boxed executor is an executor (for callers that choose one at run time).
+impl Executor for Box<dyn Executor> {
+    fn fingerprint(&self) -> Option<Fingerprint> {
+        (**self).fingerprint()
+    }
+    fn num_samples(&self) -> u64 {
+        (**self).num_samples()
+    }
+    fn train(
+        &mut self,
+        global: &ParameterSet,
+        spec: &TrainSpec,
+        ctl: &TaskControl,
+    ) -> Result<TrainResult, ExecutorError> {
+        (**self).train(global, spec, ctl)
+    }
+    fn evaluate(&mut self, global: &ParameterSet, split: &str, ctl: &TaskControl) -> Result<EvalResult, ExecutorError> {
+        (**self).evaluate(global, split, ctl)
+    }
 }
 
 /// Settings of a client run.

@@ -1,7 +1,8 @@
 //! fedhcc-server: the aggregation server.
 //!
 //! - [`coordinator`]: the round state machine (pure, no IO).
-//! - [`strategy`]: aggregation rules (pure; FedAvg).
+//! - [`strategy`]: aggregation rules (pure): FedAvg, FedProx, FedAdam/FedYogi, FedBN, median,
+//!   trimmed mean; a server optimizer's state is saved with every committed round.
 //! - [`store`]: SQLite round records and atomic checkpoints.
 //! - [`service`]: the gRPC service (the only place errors become `tonic::Status`).
 //! - [`listener`]: TLS 1.3 accept loop with client-certificate and revocation checks.
@@ -26,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use store::{RoundRecord, Store};
-use strategy::{FedAvg, Strategy, StrategyError, UpdateSource};
+use strategy::{FedAvg, Strategy, StrategyError, UpdateBlocks, UpdateSource};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("{0}")]
     Io(String),
+    #[error("aggregation strategy: {0}")]
+    Strategy(#[from] StrategyError),
 }
 
 /// How long shutdown waits for open connections and tasks.
@@ -55,6 +58,7 @@ pub struct ServerOptions {
     pub config: ServerConfig,
     pub study: StudyConfig,
     /// The model every site starts from (used when the state folder has no committed round).
+    /// Under FedBN the server keeps only its shared parameters ([`strategy::server_model`]).
     pub initial_model: ParameterSet,
 }
 
@@ -78,12 +82,20 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<RunOutcome, ServerError> {
     let ServerOptions { config, study, initial_model } = opts;
+    let description = strategy::from_study(&study)?.describe();
+    // Under FedBN the server holds (and the wire carries) the shared parameters only.
+    let initial_model = strategy::server_model(&study, initial_model)?;
+    warn_if_nothing_is_trimmed(&study, config.allowed_sites.len());
     let tls = fedhcc_core::pki::server_config(&config.tls)?;
     let state_dir = config.state_dir.clone();
     std::fs::create_dir_all(&state_dir).map_err(|e| ServerError::Io(format!("{}: {e}", state_dir.display())))?;
     let run_id = study.run_id.clone();
     let store = Store::open(&state_dir, &run_id)?;
     store.check_identity(&study.study_id, &initial_model.fingerprint().to_hex())?;
+    store.check_strategy(&description)?;
+    // The strategy's carried state (a server optimizer's moments) as of the last committed round.
+    let strategy = strategy_at_last_round(&study, &store)?;
+    tracing::info!(strategy = %description, "aggregation strategy");
 
     // Resume after the newest committed round whose checkpoint verifies.
     let rounds = store.rounds()?;
@@ -148,7 +160,7 @@ pub async fn run(
         let files = config.tls.clone();
         shared.tracker.spawn(listener::accept_loop(listener, tls, files, conn_tx, token, tracker))
     };
-    let driver = shared.tracker.spawn(drive(Arc::clone(&shared), jobs_rx, Box::new(FedAvg), config.keep_checkpoints));
+    let driver = shared.tracker.spawn(drive(Arc::clone(&shared), jobs_rx, strategy, config.keep_checkpoints));
 
     let svc = service::FederationService { shared: Arc::clone(&shared) };
     let server = tonic::transport::Server::builder()
@@ -210,6 +222,57 @@ fn write_effective_config(state_dir: &Path, config: &ServerConfig, study: &Study
             }
         }
         Err(e) => tracing::warn!(error = %e, "could not serialise the effective configuration"),
+    }
+}
+
+/// The study's strategy with the state saved with the last committed round restored (fresh when
+/// no round is committed).
+///
+/// # Errors
+/// Invalid settings, or a missing, altered or mismatched saved state.
+fn strategy_at_last_round(study: &StudyConfig, store: &Store) -> Result<Box<dyn Strategy>, ServerError> {
+    let mut s = strategy::from_study(study)?;
+    let rounds = store.rounds()?;
+    let last = rounds.last();
+    let state = match last {
+        Some(r) => store.read_strategy_state(r)?,
+        None => None,
+    };
+    s.restore_state(state, last.map_or(0, |r| r.round))?;
+    Ok(s)
+}
+
+/// After a round that was not committed: the strategy as of the last committed round. `None`
+/// (after logging why) when that cannot be had; the server must then stop rather than aggregate
+/// with a wrong state.
+async fn reset_strategy(shared: &Arc<Shared>) -> Option<Box<dyn Strategy>> {
+    let store = Arc::clone(&shared.store);
+    let study = shared.study.clone();
+    match tokio::task::spawn_blocking(move || strategy_at_last_round(&study, &lock(&store))).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot restore the aggregation strategy's state; stopping the server");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "restoring the aggregation strategy failed; stopping the server");
+            None
+        }
+    }
+}
+
+fn warn_if_nothing_is_trimmed(study: &StudyConfig, sites: usize) {
+    if study.federation.strategy == fedhcc_core::aggregation::StrategyKind::TrimmedMean.as_str() {
+        let beta = study.federation.trimmed_mean.unwrap_or_default().trim_fraction;
+        if let Ok(t) = strategy::TrimmedMean::new(beta)
+            && t.trimmed_per_end(sites) == 0
+        {
+            tracing::warn!(
+                trim_fraction = beta,
+                sites,
+                "trimmed_mean: with this many sites nothing is trimmed; it is the unweighted mean of the updates"
+            );
+        }
     }
 }
 
@@ -292,6 +355,7 @@ async fn handle_action(shared: &Arc<Shared>, action: Action, strategy: &mut Box<
             let store = Arc::clone(&shared.store);
             let (res_c, fail_c, task_c) = (results.clone(), failures.clone(), task.clone());
             let mut strat = std::mem::replace(strategy, Box::new(FedAvg));
+            let kept_global = Arc::clone(&global);
             let joined = tokio::task::spawn_blocking(move || {
                 let r = aggregate_round(&store, &global, &spool, &task_c, &res_c, &fail_c, strat.as_mut());
                 (r, strat, global)
@@ -300,14 +364,17 @@ async fn handle_action(shared: &Arc<Shared>, action: Action, strategy: &mut Box<
             let (result, strat, old_global) = match joined {
                 Ok(v) => v,
                 Err(e) => {
-                    tracing::error!(error = %e, "aggregation task failed");
+                    // The strategy went with the task: rebuild it, and retry the round.
+                    tracing::error!(error = %e, "aggregation task failed; the round is retried");
+                    round_not_committed(shared, strategy, kept_global).await;
                     return false;
                 }
             };
+            drop(kept_global);
             *strategy = strat;
             let _ = tokio::fs::remove_dir_all(shared.spool_dir.join(&task.id)).await;
             match result {
-                Ok((new_global, agg_s)) => {
+                Ok((new_global, state_file, agg_s)) => {
                     let record = RoundRecord {
                         round: task.round,
                         attempt: task.attempt,
@@ -326,6 +393,8 @@ async fn handle_action(shared: &Arc<Shared>, action: Action, strategy: &mut Box<
                         checkpoint: new_global.path.display().to_string(),
                         checkpoint_sha256: new_global.sha256.clone(),
                         committed_unix: state::now_unix(),
+                        strategy_state: state_file.as_ref().map(|(p, _)| p.clone()),
+                        strategy_state_sha256: state_file.map(|(_, sha)| sha),
                     };
                     let store = Arc::clone(&shared.store);
                     let rec = record.clone();
@@ -353,22 +422,34 @@ async fn handle_action(shared: &Arc<Shared>, action: Action, strategy: &mut Box<
                         }
                         other => {
                             tracing::error!(result = ?other.map(|r| r.err()), "round could not be recorded; retrying it");
-                            shared.set_global(Some(old_global));
-                            let actions = lock(&shared.coord).aggregation_failed(Instant::now());
-                            shared.apply(actions);
+                            round_not_committed(shared, strategy, old_global).await;
                         }
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "aggregation failed; the round is retried");
-                    shared.set_global(Some(old_global));
-                    let actions = lock(&shared.coord).aggregation_failed(Instant::now());
-                    shared.apply(actions);
+                    round_not_committed(shared, strategy, old_global).await;
                 }
             }
             false
         }
     }
+}
+
+/// A round whose aggregation or record failed: undo what the strategy carried forward, serve the
+/// old model again and let the coordinator retry the round (or stop the server if the strategy's
+/// state cannot be restored).
+async fn round_not_committed(shared: &Arc<Shared>, strategy: &mut Box<dyn Strategy>, old_global: Arc<GlobalModel>) {
+    match reset_strategy(shared).await {
+        Some(s) => *strategy = s,
+        None => {
+            shared.shutdown.cancel();
+            return;
+        }
+    }
+    shared.set_global(Some(old_global));
+    let actions = lock(&shared.coord).aggregation_failed(Instant::now());
+    shared.apply(actions);
 }
 
 /// A spooled update file, read back in blocks.
@@ -405,9 +486,47 @@ impl UpdateSource for SpoolFile {
         reader.finish()?;
         Ok(())
     }
+
+    fn blocks(&mut self, layout: &Layout) -> Result<Box<dyn UpdateBlocks + '_>, StrategyError> {
+        let err = |m: String| StrategyError::Update { site: self.site.clone(), message: m };
+        let f = std::fs::File::open(&self.path).map_err(|e| err(format!("{}: {e}", self.path.display())))?;
+        let reader = fedhcc_core::params::ValueReader::new(std::io::BufReader::with_capacity(64 * 1024, f))
+            .map_err(|e| err(format!("{}: {e}", self.path.display())))?;
+        if reader.layout().fingerprint() != layout.fingerprint() {
+            return Err(err("layout differs from the global model".into()));
+        }
+        Ok(Box::new(SpoolBlocks { site: &self.site, path: &self.path, reader }))
+    }
 }
 
-type AggregateResult = Result<(GlobalModel, f64), ServerError>;
+/// A spooled update being read block by block.
+struct SpoolBlocks<'a> {
+    site: &'a str,
+    path: &'a Path,
+    reader: fedhcc_core::params::ValueReader<std::io::BufReader<std::fs::File>>,
+}
+
+impl SpoolBlocks<'_> {
+    fn error(&self, e: fedhcc_core::params::ParamsError) -> StrategyError {
+        StrategyError::Update { site: self.site.into(), message: format!("{}: {e}", self.path.display()) }
+    }
+}
+
+impl UpdateBlocks for SpoolBlocks<'_> {
+    fn read_block(&mut self, out: &mut [f32]) -> Result<(), StrategyError> {
+        self.reader.read(out).map_err(|e| self.error(e))
+    }
+    fn finish(self: Box<Self>) -> Result<(), StrategyError> {
+        let SpoolBlocks { site, path, reader } = *self;
+        reader
+            .finish()
+            .map_err(|e| StrategyError::Update { site: site.into(), message: format!("{}: {e}", path.display()) })
+    }
+}
+
+/// The new global model, the strategy-state file (path, SHA-256) if the strategy keeps one, and
+/// the seconds aggregation and writing took.
+type AggregateResult = Result<(GlobalModel, Option<(String, String)>, f64), ServerError>;
 
 fn aggregate_round(
     store: &Mutex<Store>,
@@ -432,8 +551,15 @@ fn aggregate_round(
     let mut refs: Vec<&mut dyn UpdateSource> = sources.iter_mut().map(|s| s as &mut dyn UpdateSource).collect();
     let next = strategy.aggregate(params, &mut refs, failures).map_err(|e| ServerError::Model(e.to_string()))?;
     let (path, sha, bytes) = lock(store).write_checkpoint(task.round, &next)?;
+    let state_file = match strategy.state() {
+        Some(st) => {
+            let (p, s, _) = lock(store).write_strategy_state(task.round, st)?;
+            Some((p.display().to_string(), s))
+        }
+        None => None,
+    };
     let layout = next.layout().clone();
-    Ok((GlobalModel { round: task.round, path, sha256: sha, bytes, layout }, t0.elapsed().as_secs_f64()))
+    Ok((GlobalModel { round: task.round, path, sha256: sha, bytes, layout }, state_file, t0.elapsed().as_secs_f64()))
 }
 
 /// The status view for the study lead.
@@ -498,5 +624,72 @@ pub fn status_reply(shared: &Shared) -> pb::StatusReply {
         sites,
         rounds,
         model_fingerprint: shared.global().map(|g| g.fingerprint().to_hex()).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strategy::Median;
+
+    fn ps(v: Vec<f32>) -> ParameterSet {
+        ParameterSet::from_tensors(vec![("w".into(), vec![v.len()], v)]).unwrap()
+    }
+
+    #[test]
+    fn spooled_updates_are_read_block_wise_and_a_damaged_one_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let n = strategy::BLOCK_VALUES + 5;
+        let write = |name: &str, k: f32| {
+            let p = tmp.path().join(name);
+            std::fs::write(&p, ps((0..n).map(|i| i as f32 * k).collect()).encode()).unwrap();
+            p
+        };
+        let mut files = [
+            SpoolFile { site: "a".into(), samples: 1, path: write("a.upd", 1.0) },
+            SpoolFile { site: "b".into(), samples: 1, path: write("b.upd", 5.0) },
+            SpoolFile { site: "c".into(), samples: 1, path: write("c.upd", 2.0) },
+        ];
+        let mut refs: Vec<&mut dyn UpdateSource> = files.iter_mut().map(|f| f as &mut dyn UpdateSource).collect();
+        let out = Median.aggregate(ps(vec![1.0; n]), &mut refs, &BTreeMap::new()).unwrap();
+        assert!(out.values().iter().enumerate().all(|(i, &v)| v == 1.0 + i as f32 * 2.0));
+
+        let bytes = std::fs::read(&files[1].path).unwrap();
+        std::fs::write(&files[1].path, &bytes[..bytes.len() - 4]).unwrap();
+        let mut refs: Vec<&mut dyn UpdateSource> = files.iter_mut().map(|f| f as &mut dyn UpdateSource).collect();
+        let e = Median.aggregate(ps(vec![1.0; n]), &mut refs, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(e.contains("site b") && e.contains("b.upd"), "{e}");
+        let mut refs: Vec<&mut dyn UpdateSource> = files.iter_mut().map(|f| f as &mut dyn UpdateSource).collect();
+        let e = Median.aggregate(ps(vec![1.0; 3]), &mut refs, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(e.contains("layout differs"), "{e}");
+    }
+
+    #[test]
+    fn the_strategy_resumes_with_the_state_of_the_last_committed_round() {
+        let tmp = tempfile::tempdir().unwrap();
+        let study: StudyConfig =
+            toml::from_str("study_id = \"s\"\n[federation]\nrounds = 3\nstrategy = \"fedyogi\"\n").unwrap();
+        let mut store = Store::open(tmp.path(), "run-1").unwrap();
+        assert_eq!(strategy_at_last_round(&study, &store).unwrap().state(), None, "fresh before round 1");
+        // Round 1 aggregated and committed with its state.
+        let mut s = strategy_at_last_round(&study, &store).unwrap();
+        let mut a = strategy::MemoryUpdate { site: "a".into(), samples: 2, delta: ps(vec![0.5, -0.5]) };
+        let next = s.aggregate(ps(vec![0.0, 0.0]), &mut [&mut a], &BTreeMap::new()).unwrap();
+        let (cp, cp_sha, _) = store.write_checkpoint(1, &next).unwrap();
+        let (st, st_sha, _) = store.write_strategy_state(1, s.state().unwrap()).unwrap();
+        let rec: store::RoundRecord = serde_json::from_value(serde_json::json!({
+            "round": 1, "attempt": 1, "task_id": "r1a1", "participants": ["a"], "samples": [2], "losses": [null],
+            "failures": [], "duration_s": 0.0, "aggregate_s": 0.0, "bytes_in": 0, "bytes_out": 0,
+            "checkpoint": cp.display().to_string(), "checkpoint_sha256": cp_sha, "committed_unix": 0,
+            "strategy_state": st.display().to_string(), "strategy_state_sha256": st_sha,
+        }))
+        .unwrap();
+        store.commit_round(&rec).unwrap();
+        let resumed = strategy_at_last_round(&study, &store).unwrap();
+        assert_eq!(resumed.state(), s.state());
+        // A state file altered after the commit stops the server with a message.
+        std::fs::write(&st, b"x").unwrap();
+        let e = strategy_at_last_round(&study, &store).err().unwrap().to_string();
+        assert!(e.contains("altered"), "{e}");
     }
 }

@@ -42,6 +42,12 @@ pub struct RoundRecord {
     pub checkpoint: String,
     pub checkpoint_sha256: String,
     pub committed_unix: i64,
+    /// The strategy's carried state after this round (server optimizer moments), written like a
+    /// checkpoint and committed with the round; absent for stateless strategies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy_state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy_state_sha256: Option<String>,
 }
 
 /// One site's evaluation report (aggregate metrics).
@@ -125,6 +131,36 @@ impl Store {
         Ok(())
     }
 
+    /// Records the run's aggregation strategy (with its settings) the first time and checks it on
+    /// every later start: a run keeps one strategy, since a server optimizer's state and a FedBN
+    /// model layout only make sense under the strategy that made them.
+    ///
+    /// # Errors
+    /// The folder's run was made with another strategy or other settings.
+    pub fn check_strategy(&self, description: &str) -> Result<(), StoreError> {
+        let key = format!("strategy:{}", self.run_id);
+        let have: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
+            .optional()
+            .map_err(self.db())?;
+        match have {
+            None => {
+                self.conn
+                    .execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![key, description])
+                    .map_err(self.db())?;
+                Ok(())
+            }
+            Some(h) if h == description => Ok(()),
+            Some(h) => Err(StoreError::Inconsistent(format!(
+                "{}: run {} was started with strategy {h}, but this configuration asks for {description}; a run \
+                 keeps its strategy: restore the original [federation] settings or use another run_id",
+                self.db_path.display(),
+                self.run_id
+            ))),
+        }
+    }
+
     /// Committed rounds of this run, oldest first.
     ///
     /// # Errors
@@ -158,6 +194,11 @@ impl Store {
         self.checkpoints.join(format!("{}-round-{round:05}.fhcp", self.run_id))
     }
 
+    /// Path of the strategy-state file saved with `round`.
+    pub fn strategy_state_path(&self, round: u32) -> PathBuf {
+        self.checkpoints.join(format!("{}-round-{round:05}.state.fhcp", self.run_id))
+    }
+
     /// Writes a checkpoint atomically: temp file, fsync, rename, fsync of the folder. The payload is
     /// streamed (no second copy of the model in memory) and hashed on the way.
     /// Returns its path, SHA-256 and length.
@@ -165,7 +206,34 @@ impl Store {
     /// # Errors
     /// Any I/O failure; no partial file is left under the final name.
     pub fn write_checkpoint(&self, round: u32, params: &ParameterSet) -> Result<(PathBuf, String, u64), StoreError> {
-        let path = self.checkpoint_path(round);
+        self.write_payload(self.checkpoint_path(round), params)
+    }
+
+    /// Writes the strategy's state after `round` the way checkpoints are written (atomic, hashed);
+    /// it counts only once the round record naming it is committed.
+    ///
+    /// # Errors
+    /// Any I/O failure; no partial file is left under the final name.
+    pub fn write_strategy_state(&self, round: u32, state: &ParameterSet) -> Result<(PathBuf, String, u64), StoreError> {
+        self.write_payload(self.strategy_state_path(round), state)
+    }
+
+    /// Reads and verifies the strategy state a committed round recorded, if it recorded one.
+    ///
+    /// # Errors
+    /// A missing or altered file, or one that is not a parameter set.
+    pub fn read_strategy_state(&self, rec: &RoundRecord) -> Result<Option<ParameterSet>, StoreError> {
+        let (Some(path), Some(sha)) = (&rec.strategy_state, &rec.strategy_state_sha256) else {
+            return Ok(None);
+        };
+        let path = Path::new(path);
+        let bytes = self.read_checkpoint(path, sha)?;
+        ParameterSet::decode(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Inconsistent(format!("strategy state {}: {e}", path.display())))
+    }
+
+    fn write_payload(&self, path: PathBuf, params: &ParameterSet) -> Result<(PathBuf, String, u64), StoreError> {
         let tmp = path.with_extension("fhcp.tmp");
         let result = (|| {
             let f = fs::File::create(&tmp)?;
@@ -241,11 +309,12 @@ impl Store {
             return;
         }
         for r in 1..=newest.saturating_sub(keep) {
-            let p = self.checkpoint_path(r);
-            if p.exists()
-                && let Err(e) = fs::remove_file(&p)
-            {
-                tracing::warn!(path = %p.display(), error = %e, "could not remove an old checkpoint");
+            for p in [self.checkpoint_path(r), self.strategy_state_path(r)] {
+                if p.exists()
+                    && let Err(e) = fs::remove_file(&p)
+                {
+                    tracing::warn!(path = %p.display(), error = %e, "could not remove an old checkpoint");
+                }
             }
         }
     }
@@ -300,6 +369,8 @@ mod tests {
             checkpoint: path.display().to_string(),
             checkpoint_sha256: sha,
             committed_unix: 0,
+            strategy_state: None,
+            strategy_state_sha256: None,
         };
         s.commit_round(&rec).unwrap();
         assert!(s.commit_round(&rec).is_err(), "a round is committed once");
@@ -308,5 +379,32 @@ mod tests {
         assert_eq!(s.rounds().unwrap(), vec![rec]);
         assert!(s.check_identity("study", "fp2").unwrap_err().to_string().contains("fingerprint"));
         assert!(s.check_identity("other", "fp1").is_err());
+    }
+
+    #[test]
+    fn strategy_state_is_hashed_verified_and_pruned_and_the_strategy_is_kept_per_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(tmp.path(), "run-1").unwrap();
+        s.check_strategy("fedadam(lr=0.01)").unwrap();
+        s.check_strategy("fedadam(lr=0.01)").unwrap();
+        let e = s.check_strategy("fedavg").unwrap_err().to_string();
+        assert!(e.contains("fedadam(lr=0.01)") && e.contains("fedavg") && e.contains("run_id"), "{e}");
+        let state = ParameterSet::from_tensors(vec![("m".into(), vec![2], vec![0.5, -0.5])]).unwrap();
+        let (path, sha, _) = s.write_strategy_state(4, &state).unwrap();
+        assert_eq!(path, s.strategy_state_path(4));
+        let mut rec: RoundRecord = serde_json::from_str(
+            r#"{"round":4,"attempt":1,"task_id":"r4a1","participants":[],"samples":[],"losses":[],"failures":[],
+                "duration_s":0,"aggregate_s":0,"bytes_in":0,"bytes_out":0,"checkpoint":"c","checkpoint_sha256":"x",
+                "committed_unix":0}"#,
+        )
+        .unwrap();
+        assert_eq!(s.read_strategy_state(&rec).unwrap(), None, "records from before strategy state still read");
+        rec.strategy_state = Some(path.display().to_string());
+        rec.strategy_state_sha256 = Some(sha);
+        assert_eq!(s.read_strategy_state(&rec).unwrap(), Some(state));
+        fs::write(&path, b"changed").unwrap();
+        assert!(s.read_strategy_state(&rec).unwrap_err().to_string().contains("altered"));
+        s.prune_checkpoints(6, 2);
+        assert!(!path.exists(), "old state files go with their checkpoints");
     }
 }

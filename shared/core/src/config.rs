@@ -7,6 +7,7 @@
 //! The `model` and `cohort` sections of a study are kept as TOML tables here and typed by the crates
 //! that own them (`fedhcc-model`, `fedhcc-cohort`), so this crate stays free of both.
 
+use crate::aggregation::{FedBnConfig, ServerOptimizerConfig, TrimmedMeanConfig, check_strategy};
 use crate::pki::{ClientTlsFiles, ServerTlsFiles, validate_name};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -77,9 +78,23 @@ pub struct FederationConfig {
     /// Evaluate the global model on every site's held-out split every k rounds (0 = only at the end).
     #[serde(default)]
     pub evaluate_every: u32,
-    /// Aggregation strategy; `fedavg` for now.
+    /// Aggregation strategy: `fedavg`, `fedprox`, `fedadam`, `fedyogi`, `fedbn`, `median` or
+    /// `trimmed_mean` (see [`crate::aggregation`]).
     #[serde(default = "default_strategy")]
     pub strategy: String,
+    /// Secure aggregation (pairwise masking) is not in this version: `true` is refused, and the
+    /// robust strategies (median, trimmed mean) will stay refused with it.
+    #[serde(default)]
+    pub secure_aggregation: bool,
+    /// FedAdam / FedYogi settings (`[federation.server_optimizer]`); defaults when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_optimizer: Option<ServerOptimizerConfig>,
+    /// Trimmed-mean settings (`[federation.trimmed_mean]`); defaults when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trimmed_mean: Option<TrimmedMeanConfig>,
+    /// FedBN settings (`[federation.fedbn]`); defaults when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fedbn: Option<FedBnConfig>,
 }
 
 fn default_min_sites() -> usize {
@@ -153,6 +168,9 @@ pub struct StudyConfig {
     /// Cohort definition (features, label, outcomes), typed by `fedhcc-cohort`.
     #[serde(default)]
     pub cohort: toml::Table,
+    /// Imaging preprocessing (`[imaging.mri]`, `[imaging.wsi]`), typed where the imaging crate is used.
+    #[serde(default)]
+    pub imaging: toml::Table,
 }
 
 fn default_run() -> String {
@@ -177,12 +195,6 @@ pub fn load_study(path: &Path) -> Result<StudyConfig, ConfigError> {
     if f.round_timeout_s == 0 {
         return Err(ConfigError::new(path, "federation.round_timeout_s must be at least 1"));
     }
-    if f.strategy != "fedavg" {
-        return Err(ConfigError::new(
-            path,
-            format!("federation.strategy = '{}': this version offers 'fedavg'", f.strategy),
-        ));
-    }
     let t = &cfg.training;
     if t.local_epochs == 0 || t.batch_size == 0 || !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
         return Err(ConfigError::new(path, "training: local_epochs, batch_size and learning_rate must be positive"));
@@ -190,6 +202,7 @@ pub fn load_study(path: &Path) -> Result<StudyConfig, ConfigError> {
     if t.prox_mu < 0.0 || t.weight_decay < 0.0 {
         return Err(ConfigError::new(path, "training: prox_mu and weight_decay must not be negative"));
     }
+    check_strategy(&cfg).map_err(|e| ConfigError::new(path, e))?;
     Ok(cfg)
 }
 
@@ -321,6 +334,38 @@ mod tests {
         std::fs::write(&p, "study_id = \"s\"\n[federation]\nrounds = 0\n").unwrap();
         let e = load_study(&p).unwrap_err().to_string();
         assert!(e.contains("federation.rounds = 0"), "{e}");
+    }
+
+    #[test]
+    fn strategy_tables_parse_and_are_checked_with_the_file_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("study.toml");
+        std::fs::write(
+            &p,
+            "study_id = \"s\"\n[federation]\nrounds = 3\nstrategy = \"fedadam\"\n\
+             [federation.server_optimizer]\nlr = 0.1\ntau = 0.01\n",
+        )
+        .unwrap();
+        let s = load_study(&p).unwrap();
+        let o = s.federation.server_optimizer.unwrap();
+        assert_eq!((o.lr, o.beta1, o.beta2, o.tau), (0.1, 0.9, 0.99, 0.01));
+        std::fs::write(&p, "study_id = \"s\"\n[federation]\nrounds = 3\nstrategy = \"fedprox\"\n").unwrap();
+        let e = load_study(&p).unwrap_err().to_string();
+        assert!(e.contains("study.toml") && e.contains("training.prox_mu > 0"), "{e}");
+        std::fs::write(
+            &p,
+            "study_id = \"s\"\n[federation]\nrounds = 3\nstrategy = \"median\"\n[federation.trimmed_mean]\ntrim_fraction = 0.2\n",
+        )
+        .unwrap();
+        let e = load_study(&p).unwrap_err().to_string();
+        assert!(e.contains("[federation.trimmed_mean] is only used by trimmed_mean"), "{e}");
+        std::fs::write(
+            &p,
+            "study_id = \"s\"\n[federation]\nrounds = 3\nstrategy = \"trimmed_mean\"\n[federation.trimmed_mean]\ntrim_fractio = 0.2\n",
+        )
+        .unwrap();
+        let e = load_study(&p).unwrap_err().to_string();
+        assert!(e.contains("trim_fractio"), "{e}");
     }
 
     #[test]

@@ -610,6 +610,93 @@ impl PayloadReader {
     }
 }
 
+/// Reads a payload's values from a byte stream in caller-sized blocks, after checking its header:
+/// for strategies that walk several updates side by side (coordinate-wise median, server
+/// optimizers), so memory stays one block per update.
+#[derive(Debug)]
+pub struct ValueReader<R> {
+    inner: R,
+    layout: Layout,
+    remaining: usize,
+    buf: Vec<u8>,
+}
+
+impl<R: std::io::Read> ValueReader<R> {
+    /// Reads and checks the header.
+    ///
+    /// # Errors
+    /// A short stream or anything [`decode_header`] refuses.
+    pub fn new(mut inner: R) -> Result<Self, ParamsError> {
+        let mut head = vec![0u8; 9];
+        inner.read_exact(&mut head).map_err(read_error)?;
+        let hlen = u32::from_le_bytes([head[5], head[6], head[7], head[8]]) as usize;
+        if &head[..4] == MAGIC && hlen <= MAX_HEADER_LEN {
+            head.resize(9 + hlen, 0);
+            inner.read_exact(&mut head[9..]).map_err(read_error)?;
+        }
+        let (layout, _) = decode_header(&head)?;
+        let remaining = layout.numel;
+        Ok(Self { inner, layout, remaining, buf: Vec::new() })
+    }
+
+    /// The payload's layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Values not read yet.
+    pub fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    /// Fills `out` with the next `out.len()` values.
+    ///
+    /// # Errors
+    /// Fewer values left than asked for, a short stream, or a value that is NaN or infinite.
+    pub fn read(&mut self, out: &mut [f32]) -> Result<(), ParamsError> {
+        if out.len() > self.remaining {
+            return Err(ParamsError::BadPayload(format!(
+                "{} values asked for, {} left in the payload",
+                out.len(),
+                self.remaining
+            )));
+        }
+        let start = self.layout.numel - self.remaining;
+        self.buf.resize(out.len() * 4, 0);
+        self.inner.read_exact(&mut self.buf).map_err(read_error)?;
+        for (v, c) in out.iter_mut().zip(self.buf.chunks_exact(4)) {
+            *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            return Err(non_finite_error(&self.layout, start + i, out[i]));
+        }
+        self.remaining -= out.len();
+        Ok(())
+    }
+
+    /// Confirms that every value was read and nothing follows.
+    ///
+    /// # Errors
+    /// Values left unread, or bytes beyond the declared end.
+    pub fn finish(mut self) -> Result<(), ParamsError> {
+        if self.remaining != 0 {
+            return Err(ParamsError::BadPayload(format!("{} values were left unread", self.remaining)));
+        }
+        let mut one = [0u8; 1];
+        match self.inner.read(&mut one).map_err(read_error)? {
+            0 => Ok(()),
+            n => Err(ParamsError::TrailingBytes { extra: n }),
+        }
+    }
+}
+
+fn read_error(e: std::io::Error) -> ParamsError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ParamsError::BadPayload("payload ends early".into()),
+        _ => ParamsError::BadPayload(format!("read failed: {e}")),
+    }
+}
+
 /// SHA-256 of a byte string, as lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -701,6 +788,40 @@ mod tests {
         r.push(&bytes[..bytes.len() - 2], |_, _| {}).unwrap();
         assert!(matches!(r.finish(), Err(ParamsError::Truncated { .. })));
         assert!(matches!(r.push(&[0, 0, 0, 0, 0, 0], |_, _| {}), Err(ParamsError::TrailingBytes { .. })));
+    }
+
+    #[test]
+    fn value_reader_reads_blocks_and_refuses_short_long_and_non_finite_payloads() {
+        let p = sample();
+        let bytes = p.encode();
+        let mut r = ValueReader::new(bytes.as_slice()).unwrap();
+        assert_eq!(r.layout(), p.layout());
+        let mut got = vec![0.0; p.numel()];
+        let (a, b) = got.split_at_mut(4);
+        r.read(a).unwrap();
+        r.read(b).unwrap();
+        assert_eq!(got, p.values());
+        assert!(r.read(&mut [0.0]).is_err(), "nothing left");
+        r.finish().unwrap();
+
+        let mut long = bytes.clone();
+        long.push(0);
+        let mut r = ValueReader::new(long.as_slice()).unwrap();
+        r.read(&mut vec![0.0; p.numel()]).unwrap();
+        assert!(matches!(r.finish(), Err(ParamsError::TrailingBytes { extra: 1 })));
+
+        let mut r = ValueReader::new(&bytes[..bytes.len() - 1]).unwrap();
+        assert!(r.read(&mut vec![0.0; p.numel()]).is_err());
+        let r = ValueReader::new(bytes.as_slice()).unwrap();
+        assert!(r.finish().is_err(), "unread values");
+
+        let mut q = sample();
+        q.values_mut()[8] = f32::NAN;
+        let enc = q.encode();
+        let mut r = ValueReader::new(enc.as_slice()).unwrap();
+        let e = r.read(&mut vec![0.0; q.numel()]).unwrap_err();
+        assert!(matches!(e, ParamsError::NonFinite { ref name, index: 2, .. } if name == "a.bias"), "{e}");
+        assert!(ValueReader::new(&bytes[..5]).is_err());
     }
 
     #[test]
