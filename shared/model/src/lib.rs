@@ -1,4 +1,5 @@
-//! The clinical prediction model: a small MLP (or logistic regression) trained locally at a site.
+//! The study's prediction models: the clinical MLP (or logistic regression) and the multimodal
+//! preoperative / postoperative models (MRI + clinical, + WSI), trained locally at a site.
 //!
 //! # What this crate promises
 //!
@@ -24,20 +25,55 @@
 //! - `convert`: module ⇄ [`ParameterSet`] through a `ModuleVisitor` / `ModuleMapper` (internal).
 //! - `train`: [`train_local`] and [`evaluate`].
 //! - `metrics`: [`auc`].
+//!
+//! # Multimodal models (`kind = "preop"` / `"postop"`)
+//!
+//! - `mm_config`: [`MultimodalConfig`] (built from a study's [`MultimodalSection`]), branch,
+//!   loss and training options.
+//! - `mri`, `wsi`, `fusion`: the 3D CNN, the gated-attention MIL pooling, the fusion MLP with the
+//!   recurrence and Cox heads; [`multimodal_layout`] and [`init_multimodal_params`] (pure Rust).
+//! - `cox`: the Cox partial likelihood (Breslow / Efron) on tensors and in f64, [`concordance_index`].
+//! - `mm_data`: [`MultimodalSample`], [`MultimodalDataset`] and batch assembly.
+//! - `multimodal`: [`train_multimodal`] and [`evaluate_multimodal`].
+//! - `bench`: [`synthetic_multimodal_site`], [`conv_forward_flops`], [`conv3d_ceiling`] for the
+//!   training benchmark.
 
+mod bench;
 mod config;
 mod convert;
+mod cox;
 mod error;
+mod fusion;
 mod layout;
 mod metrics;
+mod mm_config;
+mod mm_data;
+mod mri;
+mod multimodal;
 mod net;
 mod train;
+mod wsi;
 
+pub use bench::{
+    ConvCeiling, SYNTHETIC_MAX_BAG, conv_forward_flops, conv_train_flops, conv3d_ceiling, synthetic_multimodal_site,
+};
 pub use config::{BackendKind, ClinicalModelConfig, TrainParams};
 pub use error::ModelError;
 pub use layout::{init_params, model_layout};
 pub use metrics::auc;
 pub use train::{Dataset, EvalOutcome, TrainOutcome, evaluate, train_local};
+
+pub use cox::{Survival, concordance_index, cox_partial_nll};
+pub use fusion::{init_multimodal_params, multimodal_layout};
+pub use mm_config::{
+    Activation, AugmentConfig, ClinicalBranchConfig, CoxTies, FusionConfig, LossConfig, LrSchedule, MriConfig,
+    MultimodalConfig, MultimodalKind, MultimodalSection, MultimodalTrainConfig, WsiConfig,
+};
+pub use mm_data::{MultimodalDataset, MultimodalSample};
+pub use multimodal::{
+    BatchProgress, MultimodalEvalOutcome, MultimodalTrainOutcome, evaluate_multimodal, train_multimodal,
+};
+pub use wsi::{PatchBag, PatchFeatureMoments};
 
 /// Re-exported so callers can name the weights type without depending on `fedhcc-core` paths.
 pub use fedhcc_core::params::ParameterSet;

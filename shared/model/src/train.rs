@@ -174,7 +174,7 @@ pub fn evaluate(
 
 impl BackendKind {
     /// The burn device for this backend (without autodiff).
-    fn device(self) -> Device {
+    pub(crate) fn device(self) -> Device {
         match self {
             BackendKind::Flex => Device::flex(),
             #[allow(deprecated)] // kept selectable on purpose; see `BackendKind::Ndarray`
@@ -198,7 +198,7 @@ fn check_inputs(cfg: &ClinicalModelConfig, params: &ParameterSet, data: &Dataset
 
 /// Runs burn work, turning a panic (burn reports many device failures by panicking, e.g. a
 /// missing CUDA device) into [`ModelError::Backend`] so that a site reports it instead of dying.
-fn guarded<T>(backend: BackendKind, work: impl FnOnce() -> Result<T, ModelError>) -> Result<T, ModelError> {
+pub(crate) fn guarded<T>(backend: BackendKind, work: impl FnOnce() -> Result<T, ModelError>) -> Result<T, ModelError> {
     catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
         let message = panic
             .downcast_ref::<String>()
@@ -210,7 +210,7 @@ fn guarded<T>(backend: BackendKind, work: impl FnOnce() -> Result<T, ModelError>
 }
 
 /// The layout was checked before import, so an import failure is an internal inconsistency.
-fn layout_bug(backend: BackendKind, message: String) -> ModelError {
+pub(crate) fn layout_bug(backend: BackendKind, message: String) -> ModelError {
     ModelError::Backend { backend, message: format!("loading weights into the model: {message}") }
 }
 
@@ -296,11 +296,11 @@ fn train_on(
 }
 
 /// `−[y·log σ(z) + (1−y)·log(1−σ(z))]`, stable for any `z`.
-fn bce_with_logits(z: f64, y: f64) -> f64 {
+pub(crate) fn bce_with_logits(z: f64, y: f64) -> f64 {
     z.max(0.0) - z * y + (-z.abs()).exp().ln_1p()
 }
 
-fn sigmoid(z: f64) -> f64 {
+pub(crate) fn sigmoid(z: f64) -> f64 {
     if z >= 0.0 {
         1.0 / (1.0 + (-z).exp())
     } else {
