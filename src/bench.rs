@@ -2,6 +2,9 @@
 //! process (so its memory is measured alone); N site clients run in this process and answer each
 //! train task with the global model plus small noise, without training.
 
+pub mod strategies;
+pub mod train;
+
 use crate::demo::{free_port, wait_for_port, write_configs};
 use crate::executor::NoiseExecutor;
 use anyhow::{Context, Result, bail};

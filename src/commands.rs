@@ -141,7 +141,13 @@ pub fn client(config: &Path) -> Result<()> {
             id.name
         );
     }
-    let executor = ClinicalExecutor::load(&site.data_dir, &model, backend)?;
+    let executor = if model.multimodal_config()?.is_some() {
+        let inner = crate::mm_executor::MultimodalExecutor::load(&site.data_dir, &site.state_dir, &model, backend)?;
+        crate::executor::site_executor(inner, &study, &model, &site.state_dir)?
+    } else {
+        let inner = ClinicalExecutor::load(&site.data_dir, &model, backend)?;
+        crate::executor::site_executor(inner, &study, &model, &site.state_dir)?
+    };
     let opts = fedhcc_client::ClientOptions {
         site_id: site.site_id.clone(),
         study_id: study.study_id.clone(),
@@ -246,37 +252,179 @@ pub struct SynthArgs {
     pub patients: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Image sizes: tiny (tests), small (demo), full. This version writes the clinical tables only;
-    /// MRI volumes and slides come with the imaging pipeline.
-    #[arg(long, default_value = "small", value_parser = ["tiny", "small", "full"])]
-    pub scale: String,
+    /// Image sizes: tiny (tests), small (a quick demo), full (realistic MRI volumes and slides).
+    #[arg(long, default_value = "small")]
+    pub scale: fedhcc_cohort::synth_images::Scale,
+    /// Worker threads for the images (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 pub fn synth(args: &SynthArgs) -> Result<()> {
-    let sites = write_synthetic_cohort(&args.out, args.centers, args.patients, args.seed)?;
-    for (id, n) in &sites {
-        println!("{id}: {n} patients in {}", args.out.join(id).join("clinical.csv").display());
+    let t0 = std::time::Instant::now();
+    let sites =
+        write_synthetic_site_data(&args.out, args.centers, args.patients, args.seed, Some(args.scale), args.threads)?;
+    let mut bytes = 0;
+    for s in &sites {
+        println!(
+            "{}: {} patients in {} ({} image files, {:.1} MB)",
+            s.center_id,
+            s.patients,
+            args.out.join(&s.center_id).display(),
+            s.images.files,
+            s.images.bytes as f64 / 1e6
+        );
+        bytes += s.images.bytes;
     }
+    let secs = t0.elapsed().as_secs_f64();
+    let n: usize = sites.iter().map(|s| s.patients).sum();
+    println!(
+        "Wrote {n} patients in {secs:.1} s ({:.0} patients/min, {:.1} MB of images).",
+        n as f64 / secs * 60.0,
+        bytes as f64 / 1e6
+    );
     println!("Latent risk per patient (for evaluation only): {}", args.out.join("truth.csv").display());
     Ok(())
 }
 
-/// Writes `out/<center>/clinical.csv` and `out/truth.csv`. Returns (center id, patients).
+/// Writes `out/<center>/clinical.csv` and `out/truth.csv` (no images). Returns (center id, patients).
 pub fn write_synthetic_cohort(out: &Path, centers: usize, patients: usize, seed: u64) -> Result<Vec<(String, usize)>> {
+    Ok(write_synthetic_site_data(out, centers, patients, seed, None, None)?
+        .into_iter()
+        .map(|s| (s.center_id, s.patients))
+        .collect())
+}
+
+/// One center written by [`write_synthetic_site_data`].
+pub struct WrittenSite {
+    pub center_id: String,
+    pub patients: usize,
+    pub images: fedhcc_cohort::synth_images::ImageSummary,
+}
+
+/// Writes `out/<center>/clinical.csv` (and the images at `scale`, if given) and `out/truth.csv`.
+pub fn write_synthetic_site_data(
+    out: &Path,
+    centers: usize,
+    patients: usize,
+    seed: u64,
+    scale: Option<fedhcc_cohort::synth_images::Scale>,
+    threads: Option<usize>,
+) -> Result<Vec<WrittenSite>> {
     if centers == 0 || patients < centers {
         bail!("need at least one center and one patient per center (got {centers} centers, {patients} patients)");
     }
     let cutoff = fedhcc_cohort::OutcomeConfig::default().cutoff;
     let cohort = fedhcc_cohort::synth::generate(centers, patients, seed, cutoff)?;
+    let threads = threads.unwrap_or_else(default_threads);
+    let progress = crate::progress::Progress::new("synth", patients);
+    let mut offset = 0;
     let mut written = Vec::new();
     for site in &cohort.sites {
         let dir = out.join(&site.center_id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         fedhcc_cohort::synth::write_site_csv(site, &dir.join("clinical.csv"))?;
-        written.push((site.center_id.clone(), site.rows.len()));
+        let images = match scale {
+            Some(scale) => fedhcc_cohort::synth_images::write_site_images(
+                &dir,
+                site,
+                &cohort.truth,
+                scale,
+                seed,
+                threads,
+                &|done, _| progress.set(offset + done),
+            )?,
+            None => Default::default(),
+        };
+        offset += site.rows.len();
+        written.push(WrittenSite { center_id: site.center_id.clone(), patients: site.rows.len(), images });
+    }
+    if scale.is_some() {
+        progress.finish();
     }
     fedhcc_cohort::synth::write_truth_csv(&cohort.truth, &out.join("truth.csv"))?;
     Ok(written)
+}
+
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(2)
+}
+
+/// `fedhcc preprocess`.
+#[derive(Args)]
+pub struct PreprocessArgs {
+    /// Site configuration file (see configs/site-tongji.toml).
+    #[arg(long)]
+    pub site_config: PathBuf,
+    /// Prepare only one modality (default: both).
+    #[arg(long, value_parser = ["mri", "wsi"])]
+    pub only: Option<String>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn preprocess(args: &PreprocessArgs) -> Result<()> {
+    let (site, study) = load_site(&args.site_config)?;
+    let model = StudyModel::from_study(&study)?;
+    let imaging = crate::preprocess::ImagingSection::from_study(&study)?;
+    let csv = site.data_dir.join("clinical.csv");
+    let report = fedhcc_cohort::Cohort::load(&csv, &model.spec, &model.cohort.outcomes)?;
+    let ids: Vec<String> = report.cohort.patients.iter().map(|p| p.id.clone()).collect();
+    let which = crate::preprocess::Modalities {
+        mri: args.only.as_deref() != Some("wsi"),
+        wsi: args.only.as_deref() != Some("mri"),
+    };
+    let threads = args.threads.unwrap_or_else(default_threads);
+    let s = crate::preprocess::run(&site.data_dir, &site.state_dir, &ids, &imaging, which, threads)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let out = site.state_dir.join(crate::preprocess::FOLDER);
+    println!(
+        "Preprocessed {} patients of site {} in {:.1} s into {}",
+        s.patients,
+        site.site_id,
+        s.seconds,
+        out.display()
+    );
+    if which.mri {
+        println!(
+            "  MRI: {} prepared, {} unchanged since the last run, {} without an MRI folder, {} failed",
+            s.mri_done,
+            s.mri_reused,
+            s.mri_missing,
+            s.mri_failed.len()
+        );
+    }
+    if which.wsi {
+        println!(
+            "  slides: {} prepared, {} unchanged, {} failed; {} patients without a slide",
+            s.slides_done,
+            s.slides_reused,
+            s.slides_failed.len(),
+            s.patients_without_slides
+        );
+    }
+    if !s.mri_failed.is_empty() || !s.slides_failed.is_empty() {
+        println!("Skipped (fix the file and rerun; only these will be redone):");
+        for (id, why) in s.mri_failed.iter().chain(&s.slides_failed) {
+            println!("  patient {id}: {why}");
+        }
+    }
+    Ok(())
+}
+
+/// What `data check --json` prints: the clinical check's keys, plus `imaging` when the site has images.
+#[derive(serde::Serialize)]
+struct FullCheck<'a> {
+    #[serde(flatten)]
+    clinical: &'a fedhcc_cohort::DataCheck,
+    imaging: Option<crate::imaging_check::ImagingCheck>,
 }
 
 pub fn data_check(site_config: &Path, json: bool) -> Result<()> {
@@ -285,11 +433,23 @@ pub fn data_check(site_config: &Path, json: bool) -> Result<()> {
     let csv = site.data_dir.join("clinical.csv");
     let report = fedhcc_cohort::Cohort::load(&csv, &model.spec, &model.cohort.outcomes)?;
     let check = fedhcc_cohort::DataCheck::run(&report, &model.spec);
+    let has_images = site.data_dir.join("mri").is_dir() || site.data_dir.join("wsi").is_dir();
+    let imaging = if has_images {
+        let cfg = crate::preprocess::ImagingSection::from_study(&study)?;
+        let ids: Vec<String> = report.cohort.patients.iter().map(|p| p.id.clone()).collect();
+        Some(crate::imaging_check::ImagingCheck::run(&site.data_dir, &ids, &cfg, default_threads()))
+    } else {
+        None
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&check)?);
+        println!("{}", serde_json::to_string_pretty(&FullCheck { clinical: &check, imaging })?);
     } else {
         println!("Data check for site {} ({})\n", site.site_id, csv.display());
         print!("{}", check.to_text());
+        match &imaging {
+            Some(i) => print!("{}", i.to_text()),
+            None => println!("Imaging: no mri/ or wsi/ folder in {}", site.data_dir.display()),
+        }
     }
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! certificates and mutual TLS on loopback.
 
 use anyhow::{Context, Result, bail};
+use fedhcc_cohort::synth_images::Scale;
+use fedhcc_core::aggregation::StrategyKind;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,22 +43,49 @@ pub fn write_configs(
     model: &str,
     extra_federation: &str,
 ) -> Result<PathBuf> {
-    let cfg = dir.join("configs");
-    std::fs::create_dir_all(&cfg)?;
+    write_configs_with_training(dir, port, rounds, sites, model, extra_federation, "")
+}
+
+/// [`write_configs`], with `extra_training` lines added to the study's `[training]` table.
+pub fn write_configs_with_training(
+    dir: &Path,
+    port: u16,
+    rounds: u32,
+    sites: &[String],
+    model: &str,
+    extra_federation: &str,
+    extra_training: &str,
+) -> Result<PathBuf> {
     let study = format!(
         "# The study protocol: the same file at the server and at every site.\n\
          study_id = \"hcc-demo\"\nrun_id = \"run-1\"\n\n[federation]\nrounds = {rounds}\nmin_sites = {}\nround_timeout_s = 300\n{extra_federation}\n\
-         [training]\nlocal_epochs = 3\nbatch_size = 32\nlearning_rate = 0.01\nweight_decay = 0.0001\nseed = 7\n\n\
+         [training]\nlocal_epochs = 3\nbatch_size = 32\nlearning_rate = 0.01\nweight_decay = 0.0001\nseed = 7\n{extra_training}\n\
          [model]\n{model}\n\n[cohort]\npreset = \"hcc_preoperative\"\n\n[cohort.outcomes]\ncutoff = \"2024-07-30\"\nhorizon_days = 730\n\
          death_before_horizon = \"exclude\"\n",
         sites.len()
     );
+    write_loopback_configs(dir, "configs", port, sites, &study, "server-state")
+}
+
+/// Writes `dir/<configs>/study.toml` (= `study`) and the server, site and admin configurations of a
+/// loopback study: certificates in `dir/certs`, site data in `dir/data/<site>`, site state in
+/// `dir/site-state/<site>`, server state in `dir/<server_state>`.
+pub fn write_loopback_configs(
+    dir: &Path,
+    configs: &str,
+    port: u16,
+    sites: &[String],
+    study: &str,
+    server_state: &str,
+) -> Result<PathBuf> {
+    let cfg = dir.join(configs);
+    std::fs::create_dir_all(&cfg)?;
     std::fs::write(cfg.join("study.toml"), study)?;
     let allowed = sites.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
     std::fs::write(
         cfg.join("server.toml"),
         format!(
-            "study = \"study.toml\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"../server-state\"\nallowed_sites = [{allowed}]\n\n\
+            "study = \"study.toml\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"../{server_state}\"\nallowed_sites = [{allowed}]\n\n\
              [tls]\nca = \"../certs/ca.pem\"\ncert = \"../certs/server.pem\"\nkey = \"../certs/server.key.pem\"\ncrl = \"../certs/crl.pem\"\n"
         ),
     )?;
@@ -108,7 +137,56 @@ impl Drop for Processes {
     }
 }
 
-pub fn run(out: &Path, rounds: u32, patients: usize, seed: u64) -> Result<()> {
+/// The `[federation]` and `[training]` lines that select `strategy` in the demo's study (FedProx
+/// gets μ = 0.01; the other strategies use their defaults).
+pub fn strategy_lines(strategy: StrategyKind) -> (String, String) {
+    let federation = format!("strategy = \"{}\"\n", strategy.as_str());
+    let training = if strategy == StrategyKind::FedProx { "prox_mu = 0.01\n".to_string() } else { String::new() };
+    (federation, training)
+}
+
+/// Which models the demo trains.
+fn demo_models(model: &str) -> Result<Vec<&'static str>> {
+    Ok(match model {
+        "clinical" => vec!["clinical"],
+        "preop" => vec!["preop"],
+        "postop" => vec!["postop"],
+        "both" => vec!["preop", "postop"],
+        other => bail!("--model {other}: use clinical, preop, postop or both"),
+    })
+}
+
+/// The `[model]`, `[training]` and `[imaging]` tables of the demo's multimodal study at `scale`:
+/// the crop grid and the CNN shrink with the images so that the demo stays a demo on a laptop
+/// (`full` uses the model's default sizes).
+fn multimodal_study_tables(kind: &str, scale: Scale) -> (String, String) {
+    let (grid, channels, embed) = match scale {
+        Scale::Tiny => ("[8, 16, 16]", "[4, 8]", 16),
+        Scale::Small => ("[16, 32, 32]", "[8, 16, 32]", 32),
+        Scale::Full => ("[32, 64, 64]", "[8, 16, 32, 64]", 64),
+    };
+    let model = format!(
+        "kind = \"{kind}\"\n\n[model.mri]\nchannels = {channels}\nembed = {embed}\n\n[model.wsi]\nmax_train_patches = 32\n\n\
+         [model.training]\npatience = 0\n\n[imaging.mri]\ngrid = {grid}\n\n[imaging.wsi]\nmax_patches = 200\n"
+    );
+    let training =
+        "[training]\nlocal_epochs = 2\nbatch_size = 16\nlearning_rate = 0.001\nweight_decay = 0.0001\nseed = 7\n"
+            .into();
+    (model, training)
+}
+
+/// `fedhcc demo`: certificates, the synthetic cohort (with images for the multimodal models),
+/// preprocessing at each site, then one federated run per model.
+pub fn run_model(
+    out: &Path,
+    rounds: u32,
+    patients: usize,
+    seed: u64,
+    strategy: StrategyKind,
+    model: &str,
+    scale: Scale,
+) -> Result<()> {
+    let models = demo_models(model)?;
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
         if !out.join(MARKER).exists() {
             bail!("{} exists and is not a previous demo folder; choose another --out", out.display());
@@ -119,38 +197,147 @@ pub fn run(out: &Path, rounds: u32, patients: usize, seed: u64) -> Result<()> {
     std::fs::write(out.join(MARKER), "made by fedhcc demo; removed and remade by the next demo\n")?;
     let t0 = Instant::now();
     let sites: Vec<String> = SITES.iter().map(|s| s.to_string()).collect();
+    let multimodal = models != ["clinical"];
+    let steps = if multimodal { 2 + 4 * models.len() } else { 5 };
+    let mut step = 0;
+    let mut next = || {
+        step += 1;
+        format!("[{step}/{steps}]")
+    };
 
-    println!("[1/5] Certificates: study CA, server, {} sites, study lead", sites.len());
+    println!("{} Certificates: study CA, server, {} sites, study lead", next(), sites.len());
     fedhcc_core::pki::init(&out.join("certs"), "hcc-demo", "localhost", &sites, Some("lead"), 30)?;
 
-    println!("[2/5] Synthetic cohort: {patients} patients over {} centers", sites.len());
-    let written = crate::commands::write_synthetic_cohort(&out.join("data"), sites.len(), patients, seed)?;
-    for (id, n) in &written {
-        println!("      {id}: {n} patients");
+    let (federation, training) = strategy_lines(strategy);
+    if !multimodal {
+        println!("{} Synthetic cohort: {patients} patients over {} centers", next(), sites.len());
+        let written = crate::commands::write_synthetic_cohort(&out.join("data"), sites.len(), patients, seed)?;
+        for (id, n) in &written {
+            println!("      {id}: {n} patients");
+        }
+        let port = free_port()?;
+        let cfg = write_configs_with_training(
+            out,
+            port,
+            rounds,
+            &sites,
+            "kind = \"clinical\"\nhidden = []\ndropout = 0.0",
+            &federation,
+            &training,
+        )?;
+        federate(out, &cfg, "server-state", "run-1", port, rounds, &sites, strategy, &mut next)?;
+        print_outputs(out, t0);
+        return Ok(());
     }
 
-    let port = free_port()?;
-    let cfg = write_configs(out, port, rounds, &sites, "kind = \"clinical\"\nhidden = []\ndropout = 0.0", "")?;
-    println!("[3/5] Server on 127.0.0.1:{port} (mutual TLS 1.3)");
+    println!("{} Synthetic cohort with images ({scale}): {patients} patients over {} centers", next(), sites.len());
+    let written =
+        crate::commands::write_synthetic_site_data(&out.join("data"), sites.len(), patients, seed, Some(scale), None)?;
+    for w in &written {
+        println!(
+            "      {}: {} patients, {} image files ({:.1} MB)",
+            w.center_id,
+            w.patients,
+            w.images.files,
+            w.images.bytes as f64 / 1e6
+        );
+    }
+    for kind in &models {
+        let (model_tables, training_table) = multimodal_study_tables(kind, scale);
+        let preset = if *kind == "preop" { "hcc_preoperative" } else { "hcc_postoperative" };
+        let study = format!(
+            "# The study protocol: the same file at the server and at every site.\n\
+             study_id = \"hcc-demo\"\nrun_id = \"run-{kind}\"\n\n[federation]\nrounds = {rounds}\nmin_sites = {}\nround_timeout_s = 1800\n{federation}\n\
+             {training_table}{training}\n[model]\n{model_tables}\n[cohort]\npreset = \"{preset}\"\n\n[cohort.outcomes]\ncutoff = \"2024-07-30\"\nhorizon_days = 730\n\
+             death_before_horizon = \"exclude\"\n",
+            sites.len()
+        );
+        let port = free_port()?;
+        let cfg = write_loopback_configs(
+            out,
+            &format!("configs-{kind}"),
+            port,
+            &sites,
+            &study,
+            &format!("server-state-{kind}"),
+        )?;
+        println!(
+            "{} Preprocessing at each site for the {kind} model (MRI crops{})",
+            next(),
+            if *kind == "postop" { ", slide features" } else { "" }
+        );
+        for s in &sites {
+            let (site, study) = fedhcc_core::config::load_site(&cfg.join(format!("site-{s}.toml")))?;
+            let m = crate::study::StudyModel::from_study(&study)?;
+            let report = fedhcc_cohort::Cohort::load(&site.data_dir.join("clinical.csv"), &m.spec, &m.cohort.outcomes)?;
+            let ids: Vec<String> = report.cohort.patients.iter().map(|p| p.id.clone()).collect();
+            let which = crate::preprocess::Modalities { mri: true, wsi: *kind == "postop" };
+            let threads = crate::commands::default_threads();
+            let sum = crate::preprocess::run(&site.data_dir, &site.state_dir, &ids, &m.imaging, which, threads)?;
+            println!(
+                "      {s}: {} MRI crops ({} reused), {} slides ({} reused), {} failed, {:.1} s",
+                sum.mri_done + sum.mri_reused,
+                sum.mri_reused,
+                sum.slides_done + sum.slides_reused,
+                sum.slides_reused,
+                sum.mri_failed.len() + sum.slides_failed.len(),
+                sum.seconds
+            );
+        }
+        federate(
+            out,
+            &cfg,
+            &format!("server-state-{kind}"),
+            &format!("run-{kind}"),
+            port,
+            rounds,
+            &sites,
+            strategy,
+            &mut next,
+        )?;
+    }
+    print_outputs(out, t0);
+    Ok(())
+}
+
+/// Starts the server and one client per site as processes, follows the rounds, and prints the
+/// held-out evaluation.
+#[allow(clippy::too_many_arguments)]
+fn federate(
+    out: &Path,
+    cfg: &Path,
+    server_state: &str,
+    run_id: &str,
+    port: u16,
+    rounds: u32,
+    sites: &[String],
+    strategy: StrategyKind,
+    next: &mut dyn FnMut() -> String,
+) -> Result<()> {
+    let tag = cfg.file_name().map(|n| n.to_string_lossy().replace("configs", "")).unwrap_or_default();
+    println!("{} Server on 127.0.0.1:{port} (mutual TLS 1.3), aggregation strategy {strategy}", next());
     let mut procs = Processes(vec![]);
     let server_cfg = cfg.join("server.toml");
-    let mut server = spawn(&["server", "--config", &server_cfg.to_string_lossy()], &out.join("logs/server.log"))?;
+    let mut server =
+        spawn(&["server", "--config", &server_cfg.to_string_lossy()], &out.join(format!("logs/server{tag}.log")))?;
     wait_for_port(port, &mut server, Duration::from_secs(60))?;
     procs.0.push(("server".into(), server));
 
-    println!("[4/5] Clients: {}", sites.join(", "));
-    for s in &sites {
+    println!("{} Clients: {}", next(), sites.join(", "));
+    for s in sites {
         let c = cfg.join(format!("site-{s}.toml"));
-        let child = spawn(&["client", "--config", &c.to_string_lossy()], &out.join(format!("logs/client-{s}.log")))?;
+        let child =
+            spawn(&["client", "--config", &c.to_string_lossy()], &out.join(format!("logs/client-{s}{tag}.log")))?;
         procs.0.push((s.clone(), child));
     }
 
     // Progress from the server's database (read-only use of a WAL database is safe alongside it).
-    let state = out.join("server-state");
+    let state = out.join(server_state);
     let mut shown = 0usize;
-    let deadline = Instant::now() + Duration::from_secs(1800);
+    let t0 = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
-        if let Ok(store) = fedhcc_server::store::Store::open(&state, "run-1")
+        if let Ok(store) = fedhcc_server::store::Store::open(&state, run_id)
             && let Ok(rs) = store.rounds()
         {
             for r in rs.iter().skip(shown) {
@@ -181,7 +368,7 @@ pub fn run(out: &Path, rounds: u32, patients: usize, seed: u64) -> Result<()> {
             bail!("{name} stopped with {st}; see {}", out.join("logs").display());
         }
         if Instant::now() > deadline {
-            bail!("the demo did not finish within 30 minutes; see {}", out.join("logs").display());
+            bail!("the federated run did not finish within an hour; see {}", out.join("logs").display());
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -192,8 +379,8 @@ pub fn run(out: &Path, rounds: u32, patients: usize, seed: u64) -> Result<()> {
         }
     }
 
-    println!("[5/5] Summary ({:.1} s)", t0.elapsed().as_secs_f64());
-    let store = fedhcc_server::store::Store::open(&state, "run-1")?;
+    println!("{} Summary ({:.1} s)", next(), t0.elapsed().as_secs_f64());
+    let store = fedhcc_server::store::Store::open(&state, run_id)?;
     let rs = store.rounds()?;
     let evals = store.evaluations()?;
     println!("      rounds committed: {}", rs.len());
@@ -203,21 +390,26 @@ pub fn run(out: &Path, rounds: u32, patients: usize, seed: u64) -> Result<()> {
     println!("      held-out evaluation of the final model (aggregate statistics reported by each site):");
     for e in &evals {
         let get = |k: &str| e.metrics.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        let fmt = |k: &str| get(k).map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into());
+        let c_index = get("c_index").map(|v| format!(", C-index = {v:.3}")).unwrap_or_default();
         println!(
-            "        {:<10} n = {:>3}, positives = {:>3}, AUC = {}, log-loss = {}",
+            "        {:<10} n = {:>3}, positives = {:>3}, AUC = {}{c_index}, loss = {}",
             e.site,
             e.samples,
             get("n_positive").map(|v| v as u64).unwrap_or(0),
-            get("auc").map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into()),
-            get("loss").map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into())
+            fmt("auc"),
+            fmt("loss")
         );
     }
-    println!("\nOutputs in {}:", out.display());
-    println!("  certs/          study CA and certificates (private keys are owner-only)");
-    println!("  data/           synthetic site data (clinical.csv per center) and truth.csv");
-    println!("  configs/        study, server, site and admin configurations");
-    println!("  server-state/   server.db (round records), checkpoints/, effective-config.toml");
-    println!("  site-state/     each client's status.json");
-    println!("  logs/           server and client logs");
     Ok(())
+}
+
+fn print_outputs(out: &Path, t0: Instant) {
+    println!("\nDone in {:.1} s. Outputs in {}:", t0.elapsed().as_secs_f64(), out.display());
+    println!("  certs/          study CA and certificates (private keys are owner-only)");
+    println!("  data/           synthetic site data (clinical.csv, mri/, wsi/ per center) and truth.csv");
+    println!("  configs*/       study, server, site and admin configurations (one folder per model)");
+    println!("  server-state*/  server.db (round records), checkpoints/ (`fedhcc export` converts them)");
+    println!("  site-state/     each client's status.json and preprocessed images");
+    println!("  logs/           server and client logs");
 }

@@ -4,8 +4,11 @@
 
 use crate::study::StudyModel;
 use anyhow::{Context, Result, bail};
+use fedhcc_client::local_layers::LocalLayers;
 use fedhcc_client::{EvalResult, Executor, ExecutorError, TaskControl, TrainResult, TrainSpec};
 use fedhcc_cohort::{Cohort, DesignMatrix, FeatureStats, Splits};
+use fedhcc_core::aggregation::LocalParameters;
+use fedhcc_core::config::StudyConfig;
 use fedhcc_core::params::{Fingerprint, ParameterSet};
 use fedhcc_model::{BackendKind, ClinicalModelConfig, Dataset, TrainParams};
 use std::path::Path;
@@ -36,6 +39,50 @@ impl Rows {
     }
 }
 
+/// One site's cohort, split and encoded: the part every executor shares.
+///
+/// The design matrices are standardised with this site's own training-split statistics (see
+/// ARCHITECTURE.md on federated standardisation); every patient of each split is kept (labelled
+/// or not), in split order.
+pub struct SiteSplits {
+    /// The site's `clinical.csv`.
+    pub csv: std::path::PathBuf,
+    pub cohort: Cohort,
+    pub train: DesignMatrix,
+    pub val: DesignMatrix,
+    pub test: DesignMatrix,
+}
+
+impl SiteSplits {
+    /// Loads `data_dir/clinical.csv`, splits it (stratified, from the study's split seed) and
+    /// encodes each split.
+    ///
+    /// # Errors
+    /// The cohort cannot be read or split.
+    pub fn load(data_dir: &Path, study: &StudyModel) -> Result<Self> {
+        let csv = data_dir.join("clinical.csv");
+        let report = Cohort::load(&csv, &study.spec, &study.cohort.outcomes)
+            .with_context(|| format!("reading the site's cohort {}", csv.display()))?;
+        if !report.issues.is_empty() {
+            tracing::warn!(
+                rows = report.issues.len(),
+                "rows excluded by the data check; run `fedhcc data check` for details"
+            );
+        }
+        let cohort = report.cohort;
+        let labels = cohort.labels();
+        let splits =
+            Splits::stratified(&labels, study.cohort.split_seed, study.cohort.val_frac, study.cohort.test_frac)
+                .context("splitting the cohort")?;
+        let stats = FeatureStats::local(&cohort, &study.spec, &splits.train).context("feature statistics")?;
+        let enc = |rows: &[usize]| -> Result<DesignMatrix> {
+            DesignMatrix::build(&cohort, &study.spec, &stats, rows).context("encoding features")
+        };
+        let (train, val, test) = (enc(&splits.train)?, enc(&splits.val)?, enc(&splits.test)?);
+        Ok(Self { csv, cohort, train, val, test })
+    }
+}
+
 /// Trains and evaluates the study's clinical model on one site's data.
 pub struct ClinicalExecutor {
     cfg: ClinicalModelConfig,
@@ -54,33 +101,46 @@ impl ClinicalExecutor {
     /// The cohort cannot be read, or too few labelled patients remain to train.
     pub fn load(data_dir: &Path, study: &StudyModel, backend: BackendKind) -> Result<Self> {
         let cfg = study.clinical_config().context("this study's model is not a clinical model")?;
-        let csv = data_dir.join("clinical.csv");
-        let report = Cohort::load(&csv, &study.spec, &study.cohort.outcomes)
-            .with_context(|| format!("reading the site's cohort {}", csv.display()))?;
-        if !report.issues.is_empty() {
-            tracing::warn!(
-                rows = report.issues.len(),
-                "rows excluded by the data check; run `fedhcc data check` for details"
-            );
-        }
-        let cohort = report.cohort;
-        let labels = cohort.labels();
-        let splits =
-            Splits::stratified(&labels, study.cohort.split_seed, study.cohort.val_frac, study.cohort.test_frac)
-                .context("splitting the cohort")?;
-        let stats = FeatureStats::local(&cohort, &study.spec, &splits.train).context("feature statistics")?;
-        let enc = |rows: &[usize]| -> Result<Rows> {
-            Ok(Rows::from_matrix(
-                &DesignMatrix::build(&cohort, &study.spec, &stats, rows).context("encoding features")?,
-            ))
-        };
-        let (train, val, test) = (enc(&splits.train)?, enc(&splits.val)?, enc(&splits.test)?);
+        let site = SiteSplits::load(data_dir, study)?;
+        let (train, val, test) =
+            (Rows::from_matrix(&site.train), Rows::from_matrix(&site.val), Rows::from_matrix(&site.test));
         if train.n < 2 {
-            bail!("{}: only {} labelled training patients; at least 2 are needed", csv.display(), train.n);
+            bail!("{}: only {} labelled training patients; at least 2 are needed", site.csv.display(), train.n);
         }
         let fingerprint = fedhcc_model::init_params(&cfg, 0).fingerprint();
         tracing::info!(train = train.n, val = val.n, test = test.n, "site cohort ready");
         Ok(Self { cfg, fingerprint, backend, train, val, test })
+    }
+
+    /// One executor over several sites' rows (`fedhcc train --mode central`, a simulation): each
+    /// site's rows are encoded with that site's statistics, then concatenated split by split.
+    ///
+    /// # Errors
+    /// No part given.
+    pub fn pooled(parts: Vec<Self>) -> Result<Self> {
+        let mut it = parts.into_iter();
+        let mut all = it.next().context("no site to pool")?;
+        for p in it {
+            for (into, from) in [(&mut all.train, p.train), (&mut all.val, p.val), (&mut all.test, p.test)] {
+                into.x.extend(from.x);
+                into.y.extend(from.y);
+                into.n += from.n;
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// The local-training parameters of a train task.
+pub fn train_params(spec: &TrainSpec) -> TrainParams {
+    TrainParams {
+        epochs: spec.local_epochs as usize,
+        batch_size: spec.batch_size as usize,
+        lr: spec.learning_rate,
+        weight_decay: spec.weight_decay,
+        seed: spec.seed,
+        pos_weight: None,
+        prox_mu: spec.prox_mu,
     }
 }
 
@@ -99,15 +159,7 @@ impl Executor for ClinicalExecutor {
         spec: &TrainSpec,
         ctl: &TaskControl,
     ) -> Result<TrainResult, ExecutorError> {
-        let tp = TrainParams {
-            epochs: spec.local_epochs as usize,
-            batch_size: spec.batch_size as usize,
-            lr: spec.learning_rate,
-            weight_decay: spec.weight_decay,
-            seed: spec.seed,
-            pos_weight: None,
-            prox_mu: spec.prox_mu,
-        };
+        let tp = train_params(spec);
         let cancel = || ctl.is_cancelled();
         let mut progress = |epoch: usize, epochs: usize, loss: f64| {
             tracing::info!(
@@ -164,6 +216,33 @@ impl Executor for ClinicalExecutor {
         }
         Ok(EvalResult { num_samples: ev.n as u64, metrics })
     }
+}
+
+/// The executor a site runs under the study's strategy: `inner` itself, or under FedBN `inner`
+/// wrapped so that its normalisation layers stay at the site (kept in
+/// `state_dir/fedbn-local-<run>.fhcp` between rounds and restarts) and only the shared parameters
+/// travel.
+///
+/// # Errors
+/// Invalid aggregation settings, or saved local layers that belong to another model.
+pub fn site_executor<E: Executor>(
+    inner: E,
+    study: &StudyConfig,
+    model: &StudyModel,
+    state_dir: &Path,
+) -> Result<Box<dyn Executor>> {
+    let Some(rule) = LocalParameters::for_study(study).map_err(|e| anyhow::anyhow!("study: {e}"))? else {
+        return Ok(Box::new(inner));
+    };
+    let initial = model.initial_params(study.training.seed)?;
+    let file = state_dir.join(format!("fedbn-local-{}.fhcp", study.run_id));
+    let wrapped = LocalLayers::new(inner, rule, &initial, Some(file)).map_err(|e| anyhow::anyhow!("fedbn: {e}"))?;
+    tracing::info!(
+        local_tensors = wrapped.local().layout().specs().len(),
+        local_values = wrapped.local().numel(),
+        "fedbn: these parameters stay at this site"
+    );
+    Ok(Box::new(wrapped))
 }
 
 /// Benchmark executor: no training, the global model plus uniform noise of ±1e-3. The noise comes

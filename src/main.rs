@@ -5,7 +5,13 @@ mod bench;
 mod commands;
 mod demo;
 mod executor;
+mod export;
+mod imaging_check;
+mod mm_executor;
+mod preprocess;
+mod progress;
 mod study;
+mod train;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -18,8 +24,10 @@ use std::path::PathBuf;
 #[command(name = "fedhcc", version, propagate_version = true)]
 struct Cli {
     /// Log detail: error, warn, info, debug (or a tracing filter such as `fedhcc_server=debug`).
-    #[arg(long, global = true, default_value = "info", env = "FEDHCC_LOG")]
-    log: String,
+    /// Default: info, and warn for `bench` (whose in-process servers and clients would drown the
+    /// results).
+    #[arg(long, global = true, env = "FEDHCC_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,9 +73,34 @@ enum Command {
         /// Random seed for the cohort and the model.
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Aggregation strategy: fedavg, fedprox (μ = 0.01), fedadam, fedyogi, fedbn, median,
+        /// trimmed_mean.
+        #[arg(long, default_value = "fedavg", value_parser = parse_strategy)]
+        strategy: fedhcc_core::aggregation::StrategyKind,
+        /// Model: `clinical` (logistic regression on the clinical table; seconds), `preop` (MRI +
+        /// clinical) or `postop` (MRI + slides + clinical), or `both` multimodal models one after
+        /// the other. The multimodal models also write MRI volumes and slides and preprocess them
+        /// at each site: with `--scale small` and 579 patients expect several minutes of image
+        /// synthesis and preprocessing plus roughly a minute per round and model on 2 cores
+        /// (`both` doubles the training); `--scale tiny` takes about a minute in all.
+        #[arg(long, default_value = "clinical", value_parser = ["clinical", "preop", "postop", "both"])]
+        model: String,
+        /// Image sizes for the multimodal models: tiny, small, full.
+        #[arg(long, default_value = "small")]
+        scale: fedhcc_cohort::synth_images::Scale,
     },
-    /// Generate a synthetic multi-center cohort (clinical tables) in the site data layout.
+    /// Train the study's model without federation, with the same code a site runs: one site alone
+    /// (`--mode local`) or several sites' data pooled (`--mode central`, a simulation for the
+    /// centralised upper bound). Writes the model as a checkpoint and prints test AUC / C-index.
+    Train(train::TrainArgs),
+    /// Convert a checkpoint into a safetensors file, to use the model outside fedhcc.
+    Export(export::ExportArgs),
+    /// Generate a synthetic multi-center cohort in the site data layout: clinical.csv, MRI volumes
+    /// with tumour masks (NIfTI) and H&E whole-slide images (JPEG-tiled pyramidal TIFF).
     Synth(commands::SynthArgs),
+    /// Prepare a site's images for training: MRI tumour crops and slide patch features, for every
+    /// patient, in parallel; a rerun redoes only what changed.
+    Preprocess(commands::PreprocessArgs),
     /// Check a site's data before anything trains.
     #[command(subcommand)]
     Data(DataCommand),
@@ -129,10 +162,13 @@ struct Who {
 
 #[derive(Subcommand)]
 enum DataCommand {
-    /// Report patients, label flow, events, missing and out-of-range values, and exclusions.
+    /// Report patients, label flow, events, missing and out-of-range values, MRI phases and masks,
+    /// slide readability, and what will be excluded and why. Prints no patient value, only ids.
     Check {
+        /// Site configuration file (see configs/site-tongji.toml).
         #[arg(long)]
         site_config: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -143,12 +179,25 @@ enum BenchCommand {
     /// Framework overhead per round: server and N sites on loopback with mutual TLS, sites
     /// return the global model plus small noise without training.
     Rounds(bench::RoundsArgs),
+    /// Every aggregation strategy on the same cohort, rounds and seeds (server and clients over
+    /// mutual TLS on loopback, in this process): comparison table and convergence plot.
+    Strategies(bench::strategies::StrategiesArgs),
+    /// One site's local training epoch of the preop/postop model at default sizes (290 synthetic
+    /// patients): samples/s, epoch seconds, peak memory, achieved vs ceiling conv GFLOP/s.
+    Train(bench::train::TrainArgs),
+}
+
+fn parse_strategy(s: &str) -> Result<fedhcc_core::aggregation::StrategyKind, String> {
+    s.parse()
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(match cli.command {
+        Command::Bench(_) => "warn",
+        _ => "info",
+    }))
+    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
     let result = match cli.command {
         Command::Certs(c) => match c {
@@ -161,10 +210,17 @@ fn main() -> std::process::ExitCode {
         Command::Server { config } => commands::server(&config),
         Command::Client { config } => commands::client(&config),
         Command::Status { config, json } => commands::status(&config, json),
-        Command::Demo { out, rounds, patients, seed } => demo::run(&out, rounds, patients, seed),
+        Command::Demo { out, rounds, patients, seed, strategy, model, scale } => {
+            demo::run_model(&out, rounds, patients, seed, strategy, &model, scale)
+        }
+        Command::Train(args) => train::train(&args),
+        Command::Export(args) => export::export(&args),
         Command::Synth(args) => commands::synth(&args),
+        Command::Preprocess(args) => commands::preprocess(&args),
         Command::Data(DataCommand::Check { site_config, json }) => commands::data_check(&site_config, json),
         Command::Bench(BenchCommand::Rounds(args)) => bench::rounds(&args),
+        Command::Bench(BenchCommand::Strategies(args)) => bench::strategies::strategies(&args),
+        Command::Bench(BenchCommand::Train(args)) => bench::train::train(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -5,8 +5,10 @@ use anyhow::{Context, Result, bail};
 use fedhcc_cohort::{CohortSpec, OutcomeConfig};
 use fedhcc_core::config::StudyConfig;
 use fedhcc_core::params::{Layout, ParameterSet, TensorSpec};
-use fedhcc_model::ClinicalModelConfig;
+use fedhcc_model::{ClinicalModelConfig, MultimodalConfig, MultimodalKind, MultimodalSection};
 use serde::{Deserialize, Serialize};
+
+use crate::preprocess::ImagingSection;
 
 /// `[model]`: which model the study trains.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -21,6 +23,12 @@ pub enum ModelSection {
     },
     /// For benchmarks only: `params` zero-initialised values, no training.
     Synthetic { params: usize },
+    /// The preoperative model: MRI crop + the cohort's clinical columns. The crop grid and the
+    /// phases come from `[imaging.mri]`.
+    Preop(MultimodalSection),
+    /// The postoperative model: MRI crop + slide patch features + clinical columns. The patch
+    /// feature width comes from `[imaging] extractor`.
+    Postop(MultimodalSection),
 }
 
 fn default_hidden() -> Vec<usize> {
@@ -68,6 +76,8 @@ pub struct StudyModel {
     pub model: ModelSection,
     pub cohort: CohortSection,
     pub spec: CohortSpec,
+    /// `[imaging]`: how sites prepare MRI crops and slide features (defaults when absent).
+    pub imaging: ImagingSection,
 }
 
 impl StudyModel {
@@ -106,7 +116,69 @@ impl StudyModel {
         {
             bail!("study [model]: dropout must be in [0, 1)");
         }
-        Ok(Self { model, cohort, spec })
+        let imaging = ImagingSection::from_study(study)?;
+        let typed = Self { model, cohort, spec, imaging };
+        if let Some(cfg) = typed.multimodal_config()? {
+            cfg.validate().map_err(|e| anyhow::anyhow!("study [model]: {e}"))?;
+        }
+        Ok(typed)
+    }
+
+    /// The model's name in configs: `clinical`, `synthetic`, `preop` or `postop`.
+    pub fn kind(&self) -> &'static str {
+        match &self.model {
+            ModelSection::Clinical { .. } => "clinical",
+            ModelSection::Synthetic { .. } => "synthetic",
+            ModelSection::Preop(_) => "preop",
+            ModelSection::Postop(_) => "postop",
+        }
+    }
+
+    /// The multimodal model configuration, if the study trains one.
+    ///
+    /// The MRI branch takes its phase count and crop grid from `[imaging.mri]` and the WSI branch
+    /// its feature width from the `[imaging]` extractor, so that every site and the server derive
+    /// the same parameter layout from the same study file.
+    ///
+    /// # Errors
+    /// `[model.mri] phases / crop` or `[model.wsi] features` set to a value that contradicts
+    /// `[imaging]`, or an unknown extractor.
+    pub fn multimodal_config(&self) -> Result<Option<MultimodalConfig>> {
+        let (kind, section) = match &self.model {
+            ModelSection::Preop(s) => (MultimodalKind::Preop, s),
+            ModelSection::Postop(s) => (MultimodalKind::Postop, s),
+            _ => return Ok(None),
+        };
+        let mut section = section.clone();
+        let defaults = MultimodalSection::default();
+        let phases = self.imaging.mri.phases.len();
+        let grid = self.imaging.mri.grid;
+        let features = crate::preprocess::extractor(&self.imaging.extractor)?.dim();
+        if section.mri.phases != defaults.mri.phases && section.mri.phases != phases {
+            bail!(
+                "study [model.mri] phases = {} but [imaging.mri] lists {phases} phases; leave [model.mri] phases out \
+                 (the model takes it from [imaging.mri])",
+                section.mri.phases
+            );
+        }
+        if section.mri.crop != defaults.mri.crop && section.mri.crop != grid {
+            bail!(
+                "study [model.mri] crop = {:?} but [imaging.mri] grid = {grid:?}; leave [model.mri] crop out \
+                 (the model takes it from [imaging.mri] grid)",
+                section.mri.crop
+            );
+        }
+        if kind.uses_wsi() && section.wsi.features != defaults.wsi.features && section.wsi.features != features {
+            bail!(
+                "study [model.wsi] features = {} but the '{}' extractor gives {features}; leave [model.wsi] features out",
+                section.wsi.features,
+                self.imaging.extractor
+            );
+        }
+        section.mri.phases = phases;
+        section.mri.crop = grid;
+        section.wsi.features = features;
+        Ok(Some(section.into_config(kind, fedhcc_cohort::design_width(&self.spec))))
     }
 
     /// The clinical model configuration, if the study trains one.
@@ -117,7 +189,7 @@ impl StudyModel {
                 hidden: hidden.clone(),
                 dropout: *dropout,
             }),
-            ModelSection::Synthetic { .. } => None,
+            _ => None,
         }
     }
 
@@ -132,6 +204,10 @@ impl StudyModel {
                 Ok(fedhcc_model::init_params(&cfg, seed))
             }
             ModelSection::Synthetic { params } => synthetic_params(*params),
+            ModelSection::Preop(_) | ModelSection::Postop(_) => {
+                let cfg = self.multimodal_config()?.context("multimodal model")?;
+                fedhcc_model::init_multimodal_params(&cfg, seed).map_err(|e| anyhow::anyhow!("study [model]: {e}"))
+            }
         }
     }
 }

@@ -26,10 +26,15 @@ pub fn study(rounds: u32, min_sites: usize, timeout_s: u64) -> StudyConfig {
             round_timeout_s: timeout_s,
             evaluate_every: 0,
             strategy: "fedavg".into(),
+            secure_aggregation: false,
+            server_optimizer: None,
+            trimmed_mean: None,
+            fedbn: None,
         },
         training: TrainingConfig::default(),
         model: Default::default(),
         cohort: Default::default(),
+        imaging: Default::default(),
     }
 }
 

@@ -3,7 +3,10 @@
 //! real mutual TLS.
 
 mod harness;
+mod multimodal;
 mod process;
 mod rounds;
+mod sitedata;
+mod strategies;
 mod tls;
 mod updates;

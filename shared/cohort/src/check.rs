@@ -307,7 +307,10 @@ impl DataCheck {
             line(format!("  positive share of the labelled: {:.1}%", 100.0 * p));
         }
         if let Some(r) = f.recurrence_within_horizon {
-            line(format!("  first recurrence within the horizon (any pattern), share of the labelled: {:.1}%", 100.0 * r));
+            line(format!(
+                "  first recurrence within the horizon (any pattern), share of the labelled: {:.1}%",
+                100.0 * r
+            ));
         }
         for (name, counts) in [("Survival outcome", &self.survival), ("Overall survival", &self.overall_survival)] {
             if let Some(c) = counts {

@@ -25,12 +25,12 @@ pub mod synth;
 pub mod volume;
 
 pub use error::ImagingError;
-pub use slide::{JpegPyramid, RegionSource, write_jpeg_pyramid_tiff};
+pub use slide::{Compression, Level, Slide, SlideFormat, TissueMask, tissue_mask, write_pyramid_tiff};
 pub use slide::{
     FeatureCache, HANDCRAFTED_HE_NAME, HandcraftedHe, PatchFeatureExtractor, SlideFeatures, TilePlan, TilingConfig,
     extract_slide_features, file_sha256, plan_tiles,
 };
-pub use slide::{Compression, Level, Slide, SlideFormat, TissueMask, tissue_mask, write_pyramid_tiff};
+pub use slide::{JpegPyramid, RegionSource, write_jpeg_pyramid_tiff};
 pub use volume::{
     DicomSlice, NiftiDatatype, NiftiInfo, StorageType, Volume, Volume4, read_dicom_series, read_dicom_slice,
     read_nifti, read_nifti_frames, write_nifti_gz,

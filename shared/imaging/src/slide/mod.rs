@@ -24,9 +24,7 @@ use std::sync::Mutex;
 
 pub use cache::{FeatureCache, file_sha256};
 pub use codec::Compression;
-pub use features::{
-    HANDCRAFTED_HE_NAME, HandcraftedHe, PatchFeatureExtractor, SlideFeatures, extract_slide_features,
-};
+pub use features::{HANDCRAFTED_HE_NAME, HandcraftedHe, PatchFeatureExtractor, SlideFeatures, extract_slide_features};
 pub use jpeg_writer::{JpegPyramid, MAX_JPEG_TILE, RegionSource, write_jpeg_pyramid_tiff};
 pub use tiles::{TilePlan, TilingConfig, plan_tiles};
 pub use tissue::{TissueMask, tissue_mask};

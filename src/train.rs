@@ -1,0 +1,188 @@
+//! `fedhcc train`: the study's model trained without federation, through the same executor code a
+//! site runs for a federated train task.
+//!
+//! - `--mode local`: one site alone, on its own data (the "local-only" baseline of the report).
+//! - `--mode central`: a simulation that pools several sites' prepared data into one dataset (the
+//!   "centralised" upper bound). Each site's rows are encoded and standardised with that site's
+//!   own statistics, exactly as in the federated run, then concatenated.
+//!
+//! Both run the study's `[federation] rounds` (or `--rounds`) successive local trainings of
+//! `[training] local_epochs` each, with the seeds a federated run would use, write the trained
+//! model as a checkpoint (the server's `.fhcp` payload format, which `fedhcc export` reads) and
+//! print the aggregate metrics on the held-out test split.
+
+use crate::executor::ClinicalExecutor;
+use crate::mm_executor::MultimodalExecutor;
+use crate::study::StudyModel;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use fedhcc_client::{EvalResult, Executor, TaskControl, TrainSpec};
+use fedhcc_core::config::load_site;
+use fedhcc_model::BackendKind;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// `fedhcc train`.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Site configuration file; give it once per site with `--mode central`.
+    #[arg(long = "site-config", required = true)]
+    pub site_config: Vec<PathBuf>,
+    /// `local`: one site alone; `central`: every given site's data pooled (a simulation).
+    #[arg(long, default_value = "local", value_parser = ["local", "central"])]
+    pub mode: String,
+    /// Where to write the trained model (a `.fhcp` checkpoint; `fedhcc export` converts it).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Successive local trainings of `[training] local_epochs` each (default: the study's
+    /// `[federation] rounds`, so the model sees as many epochs as in the federated run).
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// Compute backend (default: the site config's `backend`, else the fastest CPU backend).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The executor a non-federated training runs.
+enum Trainer {
+    Clinical(ClinicalExecutor),
+    Multimodal(MultimodalExecutor),
+}
+
+impl Trainer {
+    fn executor(&mut self) -> &mut dyn Executor {
+        match self {
+            Trainer::Clinical(e) => e,
+            Trainer::Multimodal(e) => e,
+        }
+    }
+}
+
+fn metrics_json(m: &[(String, f64)]) -> serde_json::Value {
+    serde_json::Value::Object(
+        m.iter().filter(|(_, v)| v.is_finite()).map(|(k, v)| (k.clone(), serde_json::json!(v))).collect(),
+    )
+}
+
+fn get(r: &EvalResult, k: &str) -> String {
+    let digits = if k == "n_positive" { 0 } else { 3 };
+    r.metrics.iter().find(|(n, _)| n == k).map_or_else(|| "n/a".into(), |(_, v)| format!("{v:.digits$}"))
+}
+
+pub fn train(args: &TrainArgs) -> Result<()> {
+    if args.mode == "local" && args.site_config.len() != 1 {
+        bail!("--mode local trains one site alone: give exactly one --site-config (or use --mode central)");
+    }
+    let t0 = Instant::now();
+    let mut first: Option<(fedhcc_core::config::StudyConfig, StudyModel, fedhcc_core::params::ParameterSet)> = None;
+    let mut clinical = Vec::new();
+    let mut multimodal = Vec::new();
+    let mut sites = Vec::new();
+    for path in &args.site_config {
+        let (site, study) = load_site(path)?;
+        let model = StudyModel::from_study(&study).with_context(|| format!("{}: its study", path.display()))?;
+        let initial = model.initial_params(study.training.seed)?;
+        if let Some((s0, _, i0)) = &first
+            && (s0.study_id != study.study_id || i0.fingerprint() != initial.fingerprint())
+        {
+            bail!(
+                "{}: study '{}' with model {} differs from the first site's study '{}' with model {}; \
+                 pooled sites must share one study file",
+                path.display(),
+                study.study_id,
+                initial.fingerprint().short(),
+                s0.study_id,
+                i0.fingerprint().short()
+            );
+        }
+        let backend: BackendKind = match args.backend.as_ref().or(site.backend.as_ref()) {
+            Some(b) => b.parse().map_err(|e| anyhow::anyhow!("backend: {e}"))?,
+            None => BackendKind::default(),
+        };
+        match model.kind() {
+            "clinical" => clinical.push(ClinicalExecutor::load(&site.data_dir, &model, backend)?),
+            "preop" | "postop" => {
+                multimodal.push(MultimodalExecutor::load(&site.data_dir, &site.state_dir, &model, backend)?)
+            }
+            other => bail!("{}: the study's model kind '{other}' cannot be trained", path.display()),
+        }
+        sites.push(site.site_id);
+        if first.is_none() {
+            first = Some((study, model, initial));
+        }
+    }
+    let (study, model, mut params) = first.context("no --site-config given")?;
+    let mut trainer = if multimodal.is_empty() {
+        Trainer::Clinical(ClinicalExecutor::pooled(clinical)?)
+    } else {
+        Trainer::Multimodal(MultimodalExecutor::pooled(multimodal)?)
+    };
+    let exec = trainer.executor();
+    let rounds = args.rounds.unwrap_or(study.federation.rounds);
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let t = &study.training;
+    let ctl = TaskControl::default();
+    let mut history = Vec::new();
+    for round in 1..=rounds {
+        // The seed a federated run's server would send for this round.
+        let spec = TrainSpec {
+            round,
+            total_rounds: rounds,
+            local_epochs: t.local_epochs,
+            batch_size: t.batch_size,
+            learning_rate: t.learning_rate,
+            weight_decay: t.weight_decay,
+            prox_mu: 0.0,
+            seed: t.seed.wrapping_add(u64::from(round)),
+        };
+        let out = exec.train(&params, &spec, &ctl).map_err(|e| anyhow::anyhow!("round {round}: {e}"))?;
+        params = out.params;
+        if !args.json {
+            let shown: Vec<String> = out.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            println!("round {round}/{rounds}: {} training patients; {}", out.num_samples, shown.join(", "));
+        }
+        history.push(metrics_json(&out.metrics));
+    }
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    fedhcc_core::pki::write_atomic(&args.out, &params.encode(), false)
+        .with_context(|| format!("writing the model to {}", args.out.display()))?;
+    let test =
+        exec.evaluate(&params, "test", &ctl).map_err(|e| anyhow::anyhow!("evaluating on the test split: {e}"))?;
+    let val = exec.evaluate(&params, "val", &ctl).ok();
+    let seconds = t0.elapsed().as_secs_f64();
+    if args.json {
+        let v = serde_json::json!({
+            "mode": args.mode, "model": model.kind(), "sites": sites, "rounds": rounds,
+            "train_samples": exec.num_samples(), "fingerprint": params.fingerprint().to_hex(),
+            "checkpoint": args.out, "seconds": seconds, "history": history,
+            "test": { "n": test.num_samples, "metrics": metrics_json(&test.metrics) },
+            "val": val.as_ref().map(|v| serde_json::json!({ "n": v.num_samples, "metrics": metrics_json(&v.metrics) })),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "Trained the {} model ({} mode, {}) in {seconds:.1} s; model written to {} (fingerprint {}).",
+            model.kind(),
+            args.mode,
+            sites.join(", "),
+            args.out.display(),
+            params.fingerprint().short()
+        );
+        println!(
+            "Test split: n = {}, positives = {}, AUC = {}, C-index = {}, loss = {}",
+            test.num_samples,
+            get(&test, "n_positive"),
+            get(&test, "auc"),
+            get(&test, "c_index"),
+            get(&test, "loss")
+        );
+    }
+    Ok(())
+}

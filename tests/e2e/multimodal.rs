@@ -1,0 +1,241 @@
+//! The multimodal models on the real binary: a tiny synthetic cohort with images, `preprocess`,
+//! `train --mode local` (preop) and `--mode central` (postop, two sites pooled), `export` to
+//! safetensors read back bit-exactly, and `demo --model preop` for a federated round over mTLS.
+
+use fedhcc_core::params::ParameterSet;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fedhcc");
+
+fn fedhcc(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).env("FEDHCC_LOG", "warn").output().expect("runs fedhcc");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(args: &[&str]) -> Value {
+    let (ok, stdout, stderr) = fedhcc(args);
+    assert!(ok, "fedhcc {args:?} failed: {stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("fedhcc {args:?}: not JSON ({e}): {stdout}"))
+}
+
+/// A tiny multimodal study of `kind` in `dir/<kind>.toml` and one site config per center.
+fn configs(dir: &Path, cohort: &Path, kind: &str) -> Vec<PathBuf> {
+    let preset = if kind == "preop" { "hcc_preoperative" } else { "hcc_postoperative" };
+    std::fs::write(
+        dir.join(format!("{kind}.toml")),
+        format!(
+            "study_id = \"mm\"\nrun_id = \"r1\"\n[federation]\nrounds = 2\nmin_sites = 1\n\
+             [training]\nlocal_epochs = 1\nbatch_size = 4\nlearning_rate = 0.001\nseed = 3\n\
+             [model]\nkind = \"{kind}\"\n[model.mri]\nchannels = [4, 8]\nembed = 8\n[model.wsi]\nhidden = 8\nattention = 4\n\
+             max_train_patches = 8\n[model.clinical]\nhidden = [8]\n[model.fusion]\nhidden = [8]\n[model.training]\npatience = 0\n\
+             [cohort]\npreset = \"{preset}\"\nval_frac = 0.2\ntest_frac = 0.3\n\
+             [imaging.mri]\ngrid = [8, 16, 16]\n[imaging.wsi]\nmax_patches = 12\n"
+        ),
+    )
+    .unwrap();
+    ["center_a", "center_b"]
+        .iter()
+        .map(|c| {
+            let cfg = dir.join(format!("site-{c}-{kind}.toml"));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "site_id = \"{c}\"\nserver = \"https://127.0.0.1:1\"\nserver_name = \"localhost\"\nstudy = \"{kind}.toml\"\n\
+                     data_dir = \"{}\"\nstate_dir = \"{}\"\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+                    cohort.join(c).display(),
+                    dir.join("state").join(c).display()
+                ),
+            )
+            .unwrap();
+            cfg
+        })
+        .collect()
+}
+
+type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// Reads a safetensors file (format: 8-byte LE header length, JSON header, raw data): the
+/// metadata and (name, shape, values) in data order.
+fn read_safetensors(bytes: &[u8]) -> (serde_json::Map<String, Value>, Tensors) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut meta = serde_json::Map::new();
+    let mut tensors = Vec::new();
+    for (name, v) in header {
+        if name == "__metadata__" {
+            meta = v.as_object().unwrap().clone();
+            continue;
+        }
+        assert_eq!(v["dtype"], "F32", "{name}");
+        let shape: Vec<usize> = serde_json::from_value(v["shape"].clone()).unwrap();
+        let [a, b]: [usize; 2] = serde_json::from_value(v["data_offsets"].clone()).unwrap();
+        let values: Vec<f32> =
+            data[a..b].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        tensors.push((a, name, shape, values));
+    }
+    tensors.sort_by_key(|t| t.0);
+    let end = tensors.last().map_or(0, |t| t.0 + t.3.len() * 4);
+    assert_eq!(end, data.len(), "the data section holds exactly the tensors");
+    (meta, tensors.into_iter().map(|(_, n, s, v)| (n, s, v)).collect())
+}
+
+#[test]
+fn preprocess_train_local_and_central_then_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cohort = tmp.path().join("cohort");
+    let (ok, _, stderr) =
+        fedhcc(&["synth", "--out", cohort.to_str().unwrap(), "--patients", "24", "--scale", "tiny", "--seed", "11"]);
+    assert!(ok, "{stderr}");
+    let pre = configs(tmp.path(), &cohort, "preop");
+    let post = configs(tmp.path(), &cohort, "postop");
+    let model = tmp.path().join("preop-local.fhcp");
+
+    // Nothing prepared yet: the operator is told what to run.
+    let (ok, _, stderr) =
+        fedhcc(&["train", "--site-config", pre[0].to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("fedhcc preprocess"), "{stderr}");
+
+    for cfg in &pre {
+        let s = json(&["preprocess", "--site-config", cfg.to_str().unwrap(), "--json", "--threads", "2"]);
+        assert!(s["mri_done"].as_u64().unwrap() >= 8, "{s}");
+    }
+
+    // One site alone, the preoperative model.
+    let local = json(&[
+        "train",
+        "--mode",
+        "local",
+        "--site-config",
+        pre[0].to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(local["model"], "preop");
+    assert_eq!(local["rounds"], 2);
+    assert_eq!(local["history"].as_array().unwrap().len(), 2);
+    for round in local["history"].as_array().unwrap() {
+        assert!(round["train_loss"].as_f64().unwrap().is_finite(), "{round}");
+    }
+    let test = &local["test"];
+    assert!(test["n"].as_u64().unwrap() >= 2, "{test}");
+    assert!(test["metrics"]["loss"].as_f64().unwrap().is_finite(), "{test}");
+    for k in ["auc", "c_index"] {
+        if let Some(v) = test["metrics"][k].as_f64() {
+            assert!((0.0..=1.0).contains(&v), "{k} {v}");
+        }
+    }
+    let checkpoint = std::fs::read(&model).unwrap();
+    let params = ParameterSet::decode(&checkpoint).unwrap();
+    assert_eq!(params.fingerprint().to_hex(), local["fingerprint"].as_str().unwrap());
+    assert!(params.layout().specs().iter().any(|s| s.name.starts_with("mri.")), "an MRI branch");
+    assert!(!params.layout().specs().iter().any(|s| s.name.starts_with("wsi.")), "no WSI branch in preop");
+
+    // Export: names, shapes and every bit, plus the metadata.
+    let st = tmp.path().join("model.safetensors");
+    let study = tmp.path().join("preop.toml");
+    let (ok, stdout, stderr) = fedhcc(&[
+        "export",
+        "--checkpoint",
+        model.to_str().unwrap(),
+        "--study",
+        study.to_str().unwrap(),
+        "--out",
+        st.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Exported"), "{stdout}");
+    let (meta, tensors) = read_safetensors(&std::fs::read(&st).unwrap());
+    assert_eq!(meta["study_id"], "mm");
+    assert_eq!(meta["model_kind"], "preop");
+    assert_eq!(meta["fingerprint"].as_str().unwrap(), params.fingerprint().to_hex());
+    assert_eq!(tensors.len(), params.layout().specs().len());
+    for ((spec, values), (name, shape, read)) in params.tensors().zip(&tensors) {
+        assert_eq!((&spec.name, &spec.shape), (name, shape));
+        assert!(values.iter().zip(read).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} differs");
+    }
+    // A study describing another model is refused.
+    let (ok, _, stderr) = fedhcc(&[
+        "export",
+        "--checkpoint",
+        model.to_str().unwrap(),
+        "--study",
+        tmp.path().join("postop.toml").to_str().unwrap(),
+        "--out",
+        tmp.path().join("x.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("layout"), "{stderr}");
+
+    // Both sites pooled, the postoperative model (everything was prepared above: a rerun reuses it).
+    for cfg in &post {
+        let s = json(&["preprocess", "--site-config", cfg.to_str().unwrap(), "--json", "--threads", "2"]);
+        assert!(s["mri_reused"].as_u64().unwrap() >= 8 && s["slides_reused"].as_u64().unwrap() >= 8, "{s}");
+    }
+    let central = json(&[
+        "train",
+        "--mode",
+        "central",
+        "--site-config",
+        post[0].to_str().unwrap(),
+        "--site-config",
+        post[1].to_str().unwrap(),
+        "--out",
+        tmp.path().join("postop-central.fhcp").to_str().unwrap(),
+        "--rounds",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(central["model"], "postop");
+    assert_eq!(central["sites"], serde_json::json!(["center_a", "center_b"]));
+    assert!(central["train_samples"].as_u64().unwrap() > local["train_samples"].as_u64().unwrap(), "{central}");
+    let post_params = ParameterSet::decode(&std::fs::read(tmp.path().join("postop-central.fhcp")).unwrap()).unwrap();
+    assert!(post_params.layout().specs().iter().any(|s| s.name.starts_with("wsi.")), "a WSI branch in postop");
+
+    // --mode local with two sites is refused.
+    let (ok, _, stderr) = fedhcc(&[
+        "train",
+        "--site-config",
+        pre[0].to_str().unwrap(),
+        "--site-config",
+        pre[1].to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("exactly one"), "{stderr}");
+}
+
+#[test]
+fn demo_trains_the_preop_model_federated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let (ok, stdout, stderr) = fedhcc(&[
+        "demo",
+        "--model",
+        "preop",
+        "--scale",
+        "tiny",
+        "--patients",
+        "32",
+        "--rounds",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("rounds committed: 1"), "{stdout}");
+    assert!(stdout.contains("held-out evaluation"), "{stdout}");
+    let checkpoints: Vec<_> = std::fs::read_dir(out.join("server-state-preop/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("round-00001.fhcp"))
+        .collect();
+    assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
+}
