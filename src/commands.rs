@@ -250,6 +250,7 @@ pub struct SynthArgs {
     /// Patients across all centers.
     #[arg(long, default_value_t = 579)]
     pub patients: usize,
+    /// Random seed: the same seed writes the same files, byte for byte.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Image sizes: tiny (tests), small (a quick demo), full (realistic MRI volumes and slides).

@@ -198,7 +198,12 @@ fn main() -> std::process::ExitCode {
         _ => "info",
     }))
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Certs(c) => match c {
             CertsCommand::Init { dir, study, server_name, sites, admin, days } => {

@@ -70,6 +70,11 @@ pub struct StrategiesArgs {
     /// synthetic two-center cohort per seed).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// For image models: a folder with one sub-folder per site holding that site's `preprocessed/`
+    /// (as `fedhcc preprocess` leaves it in the site's state folder); each run links it read-only
+    /// into its fresh site state instead of preparing the images again.
+    #[arg(long)]
+    pub site_state: Option<PathBuf>,
     /// Patients of the synthetic cohort (both centers together).
     #[arg(long, default_value_t = 579)]
     pub patients: usize,
@@ -149,7 +154,7 @@ pub fn strategies(args: &StrategiesArgs) -> Result<()> {
                 std::fs::remove_dir_all(&run_dir).with_context(|| format!("clearing {}", run_dir.display()))?;
             }
             let r = rt
-                .block_on(run_one(&run_dir, &certs, &data, &sites, study, seed))
+                .block_on(run_one(&run_dir, &certs, &data, args.site_state.as_deref(), &sites, study, seed))
                 .with_context(|| format!("strategy {kind}, seed {seed}"))?;
             let last: Vec<String> = r
                 .test
@@ -226,10 +231,27 @@ fn study_for(base: &StudyConfig, kind: StrategyKind, rounds: u32, seed: u64, pro
     Ok(s)
 }
 
+/// Links a site's prepared images into a fresh site state folder.
+fn link_prepared(prepared: &Path, state: &Path) -> Result<()> {
+    if !prepared.is_dir() {
+        bail!("{}: no prepared images there (run `fedhcc preprocess` for this site)", prepared.display());
+    }
+    std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
+    let link = state.join(crate::preprocess::FOLDER);
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(std::path::absolute(prepared)?, &link)
+        .with_context(|| format!("linking {} to {}", link.display(), prepared.display()))?;
+    #[cfg(not(unix))]
+    bail!("--site-state needs a Unix system (symbolic links); prepare the images in {}", link.display());
+    #[cfg(unix)]
+    Ok(())
+}
+
 async fn run_one(
     dir: &Path,
     certs: &Path,
     data: &Path,
+    site_state: Option<&Path>,
     sites: &[String],
     mut study: StudyConfig,
     seed: u64,
@@ -261,6 +283,9 @@ async fn run_one(
     for s in sites {
         // The executor `fedhcc client` would run for this study's model.
         let (backend, state) = (fedhcc_model::BackendKind::default(), dir.join("site-state").join(s));
+        if let Some(prepared) = site_state {
+            link_prepared(&prepared.join(s).join(crate::preprocess::FOLDER), &state)?;
+        }
         let executor = if model.multimodal_config()?.is_some() {
             let inner = crate::mm_executor::MultimodalExecutor::load(&data.join(s), &state, &model, backend)?;
             site_executor(inner, &study, &model, &state)?
@@ -707,6 +732,7 @@ mod tests {
             strategies: vec![],
             config: None,
             data: None,
+            site_state: None,
             patients: 100,
             prox_mu: 0.01,
         };

@@ -254,3 +254,24 @@ pub fn durable_state(state: &Path) -> (Vec<fedhcc_server::store::RoundRecord>, V
     files.sort();
     (rounds, files)
 }
+
+/// The `fedhcc` binary under test.
+pub const FEDHCC_BIN: &str = env!("CARGO_BIN_EXE_fedhcc");
+
+/// Runs `fedhcc args…` (log level warn): (success, stdout, stderr).
+pub fn fedhcc(args: &[&str]) -> (bool, String, String) {
+    let out =
+        std::process::Command::new(FEDHCC_BIN).args(args).env("FEDHCC_LOG", "warn").output().expect("runs fedhcc");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `fedhcc args…`, which must succeed and print JSON.
+pub fn json(args: &[&str]) -> serde_json::Value {
+    let (ok, stdout, stderr) = fedhcc(args);
+    assert!(ok, "fedhcc {args:?} failed: {stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("fedhcc {args:?}: not JSON ({e}): {stdout}"))
+}

@@ -2,27 +2,10 @@
 //! `train --mode local` (preop) and `--mode central` (postop, two sites pooled), `export` to
 //! safetensors read back bit-exactly, and `demo --model preop` for a federated round over mTLS.
 
+use crate::harness::{fedhcc, json};
 use fedhcc_core::params::ParameterSet;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-const BIN: &str = env!("CARGO_BIN_EXE_fedhcc");
-
-fn fedhcc(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).env("FEDHCC_LOG", "warn").output().expect("runs fedhcc");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn json(args: &[&str]) -> Value {
-    let (ok, stdout, stderr) = fedhcc(args);
-    assert!(ok, "fedhcc {args:?} failed: {stderr}");
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("fedhcc {args:?}: not JSON ({e}): {stdout}"))
-}
 
 /// A tiny multimodal study of `kind` in `dir/<kind>.toml` and one site config per center.
 fn configs(dir: &Path, cohort: &Path, kind: &str) -> Vec<PathBuf> {

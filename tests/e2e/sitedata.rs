@@ -2,29 +2,11 @@
 //! `data check` reads it, `preprocess` prepares it, skips one patient's bad files with the reason,
 //! and a rerun redoes only what changed.
 
-use serde_json::Value;
+use crate::harness::{fedhcc, json};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-const BIN: &str = env!("CARGO_BIN_EXE_fedhcc");
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
-}
-
-fn fedhcc(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).env("FEDHCC_LOG", "warn").output().expect("runs fedhcc");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn json(args: &[&str]) -> Value {
-    let (ok, stdout, stderr) = fedhcc(args);
-    assert!(ok, "fedhcc {args:?} failed: {stderr}");
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("fedhcc {args:?}: not JSON ({e}): {stdout}"))
 }
 
 /// A study and a site config pointing at `data` (TLS files are not read by these commands).
