@@ -108,24 +108,11 @@ impl Store {
     pub fn check_identity(&self, study: &str, fingerprint: &str) -> Result<(), StoreError> {
         let fingerprint_key = format!("fingerprint:{}", self.run_id);
         for (key, want) in [("study_id", study), (fingerprint_key.as_str(), fingerprint)] {
-            let have: Option<String> = self
-                .conn
-                .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
-                .optional()
-                .map_err(self.db())?;
-            match have {
-                None => {
-                    self.conn
-                        .execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![key, want])
-                        .map_err(self.db())?;
-                }
-                Some(h) if h == want => {}
-                Some(h) => {
-                    return Err(StoreError::Inconsistent(format!(
-                        "{} belongs to {key} = {h}, but this configuration has {want}; use another state_dir or run_id",
-                        self.db_path.display()
-                    )));
-                }
+            if let Some(h) = self.record_or_read(key, want)? {
+                return Err(StoreError::Inconsistent(format!(
+                    "{} belongs to {key} = {h}, but this configuration has {want}; use another state_dir or run_id",
+                    self.db_path.display()
+                )));
             }
         }
         Ok(())
@@ -138,7 +125,19 @@ impl Store {
     /// # Errors
     /// The folder's run was made with another strategy or other settings.
     pub fn check_strategy(&self, description: &str) -> Result<(), StoreError> {
-        let key = format!("strategy:{}", self.run_id);
+        match self.record_or_read(&format!("strategy:{}", self.run_id), description)? {
+            None => Ok(()),
+            Some(h) => Err(StoreError::Inconsistent(format!(
+                "{}: run {} was started with strategy {h}, but this configuration asks for {description}; a run \
+                 keeps its strategy: restore the original [federation] settings or use another run_id",
+                self.db_path.display(),
+                self.run_id
+            ))),
+        }
+    }
+
+    /// Stores `want` under `key` if the key is new; otherwise returns the stored value when it differs.
+    fn record_or_read(&self, key: &str, want: &str) -> Result<Option<String>, StoreError> {
         let have: Option<String> = self
             .conn
             .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
@@ -147,17 +146,12 @@ impl Store {
         match have {
             None => {
                 self.conn
-                    .execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![key, description])
+                    .execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![key, want])
                     .map_err(self.db())?;
-                Ok(())
+                Ok(None)
             }
-            Some(h) if h == description => Ok(()),
-            Some(h) => Err(StoreError::Inconsistent(format!(
-                "{}: run {} was started with strategy {h}, but this configuration asks for {description}; a run \
-                 keeps its strategy: restore the original [federation] settings or use another run_id",
-                self.db_path.display(),
-                self.run_id
-            ))),
+            Some(h) if h == want => Ok(None),
+            Some(h) => Ok(Some(h)),
         }
     }
 
