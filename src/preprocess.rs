@@ -328,7 +328,7 @@ pub fn run(
                         entry.mri = Some(e);
                     }
                     if which.wsi {
-                        match wsi_patient(
+                        let slides = wsi_patient(
                             data_dir,
                             &out,
                             &cache,
@@ -338,18 +338,9 @@ pub fn run(
                             &wsi_key,
                             &previous.slides,
                             &mut tally,
-                        ) {
-                            Ok(slides) => {
-                                ok &= slides.iter().all(|s| s.status == "ok");
-                                entry.slides = slides;
-                            }
-                            Err(e) => {
-                                if let Ok(mut f) = fatal.lock() {
-                                    f.get_or_insert(e);
-                                }
-                                break;
-                            }
-                        }
+                        );
+                        ok &= slides.iter().all(|s| s.status == "ok");
+                        entry.slides = slides;
                     }
                     progress.tick(ok);
                     let Ok(mut g) = shared.lock() else { break };
@@ -476,12 +467,12 @@ fn wsi_patient(
     key: &str,
     previous: &[SlideEntry],
     tally: &mut Summary,
-) -> Result<Vec<SlideEntry>> {
+) -> Vec<SlideEntry> {
     let slides = match list_slides(data_dir, id) {
         Ok(s) => s,
         Err(e) => {
             tally.slides_failed.push((id.to_string(), format!("{e:#}")));
-            return Ok(Vec::new());
+            return Vec::new();
         }
     };
     if slides.is_empty() {
@@ -548,7 +539,7 @@ fn wsi_patient(
             }
         }
     }
-    Ok(entries)
+    entries
 }
 
 /// `[imaging]`: how MRI crops and slide patch features are prepared at each site. Every site must use
