@@ -194,20 +194,8 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
         Ok::<_, anyhow::Error>(r.into_inner())
     })?;
     if json {
-        let v = serde_json::json!({
-            "study_id": reply.study_id, "run_id": reply.run_id, "phase": reply.phase,
-            "current_round": reply.current_round, "total_rounds": reply.total_rounds, "attempt": reply.attempt,
-            "model_fingerprint": reply.model_fingerprint,
-            "sites": reply.sites.iter().map(|s| serde_json::json!({
-                "site_id": s.site_id, "connected": s.connected, "last_seen_unix": s.last_seen_unix,
-                "rounds_contributed": s.rounds_contributed, "last_refusal": s.last_refusal})).collect::<Vec<_>>(),
-            "rounds": reply.rounds.iter().map(|r| serde_json::json!({
-                "round": r.round, "participants": r.participants, "total_samples": r.total_samples,
-                "mean_train_loss": if r.mean_train_loss.is_finite() { Some(r.mean_train_loss) } else { None },
-                "duration_s": r.duration_s, "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
-                "checkpoint_sha256": r.checkpoint_sha256})).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        // The same JSON as the dashboard's /api/status.
+        println!("{}", serde_json::to_string_pretty(&fedhcc_server::status_json(&reply))?);
         return Ok(());
     }
     println!(
@@ -234,6 +222,18 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
             r.mean_train_loss,
             r.duration_s
         );
+    }
+    Ok(())
+}
+
+/// `fedhcc client status`: what the site's client is doing, from its `status.json`.
+pub fn client_status(config: &Path, json: bool) -> Result<()> {
+    let (site, _) = load_site(config)?;
+    let status = fedhcc_client::status::read(&site.state_dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.to_text(fedhcc_client::status::now_unix()));
     }
     Ok(())
 }

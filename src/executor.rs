@@ -10,28 +10,34 @@ use fedhcc_cohort::{Cohort, DesignMatrix, FeatureStats, Splits};
 use fedhcc_core::aggregation::LocalParameters;
 use fedhcc_core::config::StudyConfig;
 use fedhcc_core::params::{Fingerprint, ParameterSet};
+use fedhcc_core::standardisation::GroupSums;
 use fedhcc_model::{BackendKind, ClinicalModelConfig, Dataset, TrainParams};
 use std::path::Path;
 
 /// A site's labelled rows, encoded for the model.
+#[derive(Clone)]
 struct Rows {
     x: Vec<f32>,
     y: Vec<f32>,
     n: usize,
+    /// Patient ids, row by row (never sent anywhere; `fedhcc train --test-ids`).
+    ids: Vec<String>,
 }
 
 impl Rows {
-    fn from_matrix(m: &DesignMatrix) -> Self {
+    fn from_matrix(m: &DesignMatrix, cohort: &Cohort) -> Self {
         let mut x = Vec::new();
         let mut y = Vec::new();
+        let mut ids = Vec::new();
         for (i, label) in m.labels.iter().enumerate() {
             if let Some(l) = label {
                 x.extend_from_slice(m.row(i));
                 y.push(*l);
+                ids.push(cohort.patients[m.patient_rows[i]].id.clone());
             }
         }
         let n = y.len();
-        Self { x, y, n }
+        Self { x, y, n, ids }
     }
 
     fn dataset(&self, d: usize) -> Dataset<'_> {
@@ -41,8 +47,10 @@ impl Rows {
 
 /// One site's cohort, split and encoded: the part every executor shares.
 ///
-/// The design matrices are standardised with this site's own training-split statistics (see
-/// ARCHITECTURE.md on federated standardisation); every patient of each split is kept (labelled
+/// The design matrices hold the numeric columns **unstandardised** (built with
+/// `FeatureStats::identity`): the study's pooled statistics arrive with the global model and are
+/// applied by the executor (see [`crate::standardise`]). `stats` are this site's training-split
+/// sums, what it reports for the pooled statistics. Every patient of each split is kept (labelled
 /// or not), in split order.
 pub struct SiteSplits {
     /// The site's `clinical.csv`.
@@ -51,6 +59,9 @@ pub struct SiteSplits {
     pub train: DesignMatrix,
     pub val: DesignMatrix,
     pub test: DesignMatrix,
+    pub stats: FeatureStats,
+    /// Where the numeric columns sit in a row (`fedhcc_cohort::numeric_positions`).
+    pub positions: Vec<(usize, usize)>,
 }
 
 impl SiteSplits {
@@ -75,11 +86,13 @@ impl SiteSplits {
             Splits::stratified(&labels, study.cohort.split_seed, study.cohort.val_frac, study.cohort.test_frac)
                 .context("splitting the cohort")?;
         let stats = FeatureStats::local(&cohort, &study.spec, &splits.train).context("feature statistics")?;
+        let raw = FeatureStats::identity(&study.spec);
         let enc = |rows: &[usize]| -> Result<DesignMatrix> {
-            DesignMatrix::build(&cohort, &study.spec, &stats, rows).context("encoding features")
+            DesignMatrix::build(&cohort, &study.spec, &raw, rows).context("encoding features")
         };
         let (train, val, test) = (enc(&splits.train)?, enc(&splits.val)?, enc(&splits.test)?);
-        Ok(Self { csv, cohort, train, val, test })
+        let positions = fedhcc_cohort::numeric_positions(&study.spec);
+        Ok(Self { csv, cohort, train, val, test, stats, positions })
     }
 }
 
@@ -88,45 +101,107 @@ pub struct ClinicalExecutor {
     cfg: ClinicalModelConfig,
     fingerprint: Fingerprint,
     backend: BackendKind,
+    /// Unstandardised rows per split (train, val, test) and the standardised copies the model reads.
+    raw: [Rows; 3],
     train: Rows,
     val: Rows,
     test: Rows,
+    /// This site's training-split sums (pooled over the parts in `--mode central`).
+    local: GroupSums,
+    positions: Vec<(usize, usize)>,
+    /// The `(mean, std)` the standardised copies were made with.
+    applied: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl ClinicalExecutor {
-    /// Loads `data_dir/clinical.csv`, splits it, and encodes it (standardised with this site's own
-    /// statistics; see ARCHITECTURE.md on federated standardisation).
+    /// Loads `data_dir/clinical.csv`, splits it, and encodes it (standardised with the statistics
+    /// each task's model carries; see [`crate::standardise`]).
     ///
     /// # Errors
     /// The cohort cannot be read, or too few labelled patients remain to train.
     pub fn load(data_dir: &Path, study: &StudyModel, backend: BackendKind) -> Result<Self> {
         let cfg = study.clinical_config().context("this study's model is not a clinical model")?;
         let site = SiteSplits::load(data_dir, study)?;
-        let (train, val, test) =
-            (Rows::from_matrix(&site.train), Rows::from_matrix(&site.val), Rows::from_matrix(&site.test));
-        if train.n < 2 {
-            bail!("{}: only {} labelled training patients; at least 2 are needed", site.csv.display(), train.n);
+        let raw = [
+            Rows::from_matrix(&site.train, &site.cohort),
+            Rows::from_matrix(&site.val, &site.cohort),
+            Rows::from_matrix(&site.test, &site.cohort),
+        ];
+        if raw[0].n < 2 {
+            bail!("{}: only {} labelled training patients; at least 2 are needed", site.csv.display(), raw[0].n);
         }
-        let fingerprint = fedhcc_model::init_params(&cfg, 0).fingerprint();
-        tracing::info!(train = train.n, val = val.n, test = test.n, "site cohort ready");
-        Ok(Self { cfg, fingerprint, backend, train, val, test })
+        let fingerprint = study.initial_params(0)?.fingerprint();
+        tracing::info!(train = raw[0].n, val = raw[1].n, test = raw[2].n, "site cohort ready");
+        let local = crate::standardise::clinical_sums(&site.stats);
+        let mut exec = Self {
+            cfg,
+            fingerprint,
+            backend,
+            train: raw[0].clone(),
+            val: raw[1].clone(),
+            test: raw[2].clone(),
+            raw,
+            local,
+            positions: site.positions,
+            applied: None,
+        };
+        let own = exec.local.mean_std();
+        exec.apply(own);
+        Ok(exec)
     }
 
-    /// One executor over several sites' rows (`fedhcc train --mode central`, a simulation): each
-    /// site's rows are encoded with that site's statistics, then concatenated split by split.
+    /// The ids of the test split's patients, in evaluation order.
+    pub fn test_ids(&self) -> Vec<String> {
+        self.raw[2].ids.clone()
+    }
+
+    /// Standardises the rows with `stats` unless they already are.
+    fn apply(&mut self, stats: (Vec<f32>, Vec<f32>)) {
+        if self.applied.as_ref() == Some(&stats) {
+            return;
+        }
+        let (mean, std) = &stats;
+        let d = self.cfg.inputs;
+        for (raw, out) in self.raw.iter().zip([&mut self.train, &mut self.val, &mut self.test]) {
+            out.x.clone_from(&raw.x);
+            for row in out.x.chunks_exact_mut(d.max(1)) {
+                fedhcc_cohort::standardise_row(&self.positions, row, mean, std);
+            }
+        }
+        self.applied = Some(stats);
+    }
+
+    /// Applies the statistics `global` carries (else this site's own) and returns its trainable part.
+    fn prepare(&mut self, global: &ParameterSet) -> Result<ParameterSet, ExecutorError> {
+        let stats = crate::standardise::resolve(global, crate::standardise::CLINICAL, &self.local);
+        self.apply(stats);
+        crate::standardise::trainable(global)
+    }
+
+    /// One executor over several sites' rows (`fedhcc train --mode central`, a simulation): the
+    /// rows are concatenated split by split and standardised with the sites' pooled statistics,
+    /// exactly what a federated run's statistics exchange gives.
     ///
     /// # Errors
     /// No part given.
     pub fn pooled(parts: Vec<Self>) -> Result<Self> {
         let mut it = parts.into_iter();
         let mut all = it.next().context("no site to pool")?;
+        let mut sums = vec![all.local.clone()];
         for p in it {
-            for (into, from) in [(&mut all.train, p.train), (&mut all.val, p.val), (&mut all.test, p.test)] {
+            let [a, b, c] = p.raw;
+            for (into, from) in all.raw.iter_mut().zip([a, b, c]) {
                 into.x.extend(from.x);
                 into.y.extend(from.y);
                 into.n += from.n;
+                into.ids.extend(from.ids);
             }
+            sums.push(p.local);
         }
+        all.local = GroupSums::merge(&sums.iter().collect::<Vec<_>>()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        all.applied = None;
+        let pooled = all.local.mean_std();
+        all.apply(pooled);
         Ok(all)
     }
 }
@@ -159,9 +234,11 @@ impl Executor for ClinicalExecutor {
         spec: &TrainSpec,
         ctl: &TaskControl,
     ) -> Result<TrainResult, ExecutorError> {
+        let model = self.prepare(global)?;
         let tp = train_params(spec);
         let cancel = || ctl.is_cancelled();
         let mut progress = |epoch: usize, epochs: usize, loss: f64| {
+            ctl.report_progress(epoch as u64, epochs as u64);
             tracing::info!(
                 round = spec.round,
                 epoch = epoch + 1,
@@ -172,7 +249,7 @@ impl Executor for ClinicalExecutor {
         };
         let out = fedhcc_model::train_local(
             &self.cfg,
-            global,
+            &model,
             &self.train.dataset(self.cfg.inputs),
             &tp,
             self.backend,
@@ -190,7 +267,12 @@ impl Executor for ClinicalExecutor {
                 metrics.push(("val_auc".into(), auc));
             }
         }
-        Ok(TrainResult { params: out.params, num_samples: out.samples as u64, metrics })
+        let params = crate::standardise::with_frozen(out.params, global)?;
+        Ok(TrainResult { params, num_samples: out.samples as u64, metrics })
+    }
+
+    fn statistics(&mut self) -> Result<Vec<GroupSums>, ExecutorError> {
+        Ok(vec![self.local.clone()])
     }
 
     fn evaluate(
@@ -199,6 +281,7 @@ impl Executor for ClinicalExecutor {
         split: &str,
         _ctl: &TaskControl,
     ) -> Result<EvalResult, ExecutorError> {
+        let model = self.prepare(global)?;
         let rows = match split {
             "val" => &self.val,
             "test" => &self.test,
@@ -207,7 +290,7 @@ impl Executor for ClinicalExecutor {
         if rows.n == 0 {
             return Err(ExecutorError(format!("the '{split}' split has no labelled patient")));
         }
-        let ev = fedhcc_model::evaluate(&self.cfg, global, &rows.dataset(self.cfg.inputs), self.backend)
+        let ev = fedhcc_model::evaluate(&self.cfg, &model, &rows.dataset(self.cfg.inputs), self.backend)
             .map_err(|e| ExecutorError(e.to_string()))?;
         let positives = rows.y.iter().filter(|&&v| v > 0.5).count();
         let mut metrics = vec![("loss".to_string(), ev.loss), ("n_positive".to_string(), positives as f64)];

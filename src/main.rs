@@ -1,6 +1,7 @@
 //! `fedhcc`: the one binary. Thin: parses the command line, sets up logging, dispatches to the
 //! libraries (`fedhcc-server`, `fedhcc-client`, `fedhcc-core`, …) through the modules below.
 
+mod audit_cmd;
 mod bench;
 mod commands;
 mod demo;
@@ -10,6 +11,8 @@ mod imaging_check;
 mod mm_executor;
 mod preprocess;
 mod progress;
+mod standardise;
+mod stats_cmd;
 mod study;
 mod train;
 
@@ -44,10 +47,14 @@ enum Command {
         config: PathBuf,
     },
     /// Run a site's client (hospital IT): connects out to the server and trains on local data.
+    /// `fedhcc client status --config F` shows what a running client is doing.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Client {
         /// Site configuration file (see configs/site-center_a.toml).
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, required = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: Option<ClientCommand>,
     },
     /// Show the server's state: sites, round, per-round results (needs the admin certificate).
     Status {
@@ -77,13 +84,13 @@ enum Command {
         /// trimmed_mean.
         #[arg(long, default_value = "fedavg", value_parser = parse_strategy)]
         strategy: fedhcc_core::aggregation::StrategyKind,
-        /// Model: `clinical` (logistic regression on the clinical table; seconds), `preop` (MRI +
-        /// clinical) or `postop` (MRI + slides + clinical), or `both` multimodal models one after
-        /// the other. The multimodal models also write MRI volumes and slides and preprocess them
-        /// at each site: with `--scale small` and 579 patients expect several minutes of image
-        /// synthesis and preprocessing plus roughly a minute per round and model on 2 cores
-        /// (`both` doubles the training); `--scale tiny` takes about a minute in all.
-        #[arg(long, default_value = "clinical", value_parser = ["clinical", "preop", "postop", "both"])]
+        /// Model: `both` (the study's preoperative model, MRI + clinical, then its postoperative
+        /// model, MRI + slides + clinical, one federated run each), `preop`, `postop`, or
+        /// `clinical` (logistic regression on the clinical table only; seconds). The image models
+        /// also write MRI volumes and slides and preprocess them at each site: with the default
+        /// `--scale small` and 579 patients expect about 6 minutes on 2 cores (most of it writing
+        /// 2.6 GB of synthetic images); `--scale tiny` takes about a minute.
+        #[arg(long, default_value = "both", value_parser = ["clinical", "preop", "postop", "both"])]
         model: String,
         /// Image sizes for the multimodal models: tiny, small, full.
         #[arg(long, default_value = "small")]
@@ -101,12 +108,32 @@ enum Command {
     /// Prepare a site's images for training: MRI tumour crops and slide patch features, for every
     /// patient, in parallel; a rerun redoes only what changed.
     Preprocess(commands::PreprocessArgs),
+    /// Statistics of a set of predictions (AUC with DeLong CI, calibration, cut-off metrics, C-indices,
+    /// Kaplan–Meier, log-rank, Cox, time-dependent AUC, net benefit): stats.json and SVG plots.
+    Stats(stats_cmd::StatsArgs),
+    /// Check an audit log (every message a site or the server sent and received): `audit verify FILE`.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
     /// Check a site's data before anything trains.
     #[command(subcommand)]
     Data(DataCommand),
     /// Measure performance.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Show what this site's client is doing, from its status.json: joined, waiting, downloading,
+    /// training (with progress), uploading, evaluating, and the last error.
+    Status {
+        /// Site configuration file (the one the client runs with).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the status file's JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -213,7 +240,11 @@ fn main() -> std::process::ExitCode {
             CertsCommand::Revoke { dir, who } => commands::certs_revoke(&dir, who.site, who.admin),
         },
         Command::Server { config } => commands::server(&config),
-        Command::Client { config } => commands::client(&config),
+        Command::Client { command: Some(ClientCommand::Status { config, json }), .. } => {
+            commands::client_status(&config, json)
+        }
+        Command::Client { config: Some(config), command: None } => commands::client(&config),
+        Command::Client { config: None, command: None } => Err(anyhow::anyhow!("fedhcc client needs --config")),
         Command::Status { config, json } => commands::status(&config, json),
         Command::Demo { out, rounds, patients, seed, strategy, model, scale } => {
             demo::run_model(&out, rounds, patients, seed, strategy, &model, scale)
@@ -222,6 +253,8 @@ fn main() -> std::process::ExitCode {
         Command::Export(args) => export::export(&args),
         Command::Synth(args) => commands::synth(&args),
         Command::Preprocess(args) => commands::preprocess(&args),
+        Command::Stats(args) => stats_cmd::stats(&args),
+        Command::Audit(c) => audit_cmd::run(&c),
         Command::Data(DataCommand::Check { site_config, json }) => commands::data_check(&site_config, json),
         Command::Bench(BenchCommand::Rounds(args)) => bench::rounds(&args),
         Command::Bench(BenchCommand::Strategies(args)) => bench::strategies::strategies(&args),

@@ -5,9 +5,9 @@
 //! model ([`SiteSplits`]); each patient's MRI crop and slide features come from the site's
 //! `fedhcc preprocess` outputs ([`Preprocessed`]). Patients without a usable MRI are left out (as
 //! `fedhcc data check` announces); patients without a slide keep an empty slide input (the
-//! postoperative model has a "slide present" flag). Patch features are standardised with this
-//! site's training-split [`PatchFeatureMoments`] (see ARCHITECTURE.md: federated statistics are
-//! not wired yet).
+//! postoperative model has a "slide present" flag). Clinical columns and patch features are
+//! standardised with the pooled statistics the global model carries ([`crate::standardise`]);
+//! the executor keeps the unstandardised inputs to redo that when they change.
 
 use crate::executor::{SiteSplits, train_params};
 use crate::preprocess::{Preprocessed, extractor, mri_settings, wsi_settings};
@@ -16,15 +16,19 @@ use anyhow::{Context, Result, bail};
 use fedhcc_client::{EvalResult, Executor, ExecutorError, TaskControl, TrainResult, TrainSpec};
 use fedhcc_cohort::DesignMatrix;
 use fedhcc_core::params::{Fingerprint, ParameterSet};
+use fedhcc_core::standardisation::GroupSums;
 use fedhcc_model::{
     BackendKind, MultimodalConfig, MultimodalDataset, MultimodalEvalOutcome, MultimodalSample, MultimodalTrainOutcome,
-    PatchBag, PatchFeatureMoments, Survival, TrainParams,
+    PatchBag, Survival, TrainParams,
 };
 use std::path::Path;
 
 /// Most patches kept per patient when several slides are concatenated (in slide-name order);
 /// training samples `wsi.max_train_patches` of them per step, evaluation uses all.
 pub const MAX_PATCHES_PER_PATIENT: usize = 4096;
+
+/// A patient's unstandardised inputs: the clinical row and the slide's patch features.
+type RawInputs = (Vec<f32>, Option<PatchBag>);
 
 /// Trains and evaluates the study's multimodal model on one site's prepared data.
 pub struct MultimodalExecutor {
@@ -34,6 +38,14 @@ pub struct MultimodalExecutor {
     train: MultimodalDataset,
     val: MultimodalDataset,
     test: MultimodalDataset,
+    /// Unstandardised inputs of `train`, `val`, `test`, sample by sample.
+    raw: [Vec<RawInputs>; 3],
+    /// This site's training-split sums (clinical, then wsi for the postoperative model); pooled
+    /// over the parts in `--mode central`.
+    local: Vec<GroupSums>,
+    positions: Vec<(usize, usize)>,
+    /// The `(mean, std)` per group of `local` that the datasets are standardised with.
+    applied: Option<Vec<(Vec<f32>, Vec<f32>)>>,
 }
 
 /// What loading found, for the log (counts only).
@@ -147,7 +159,6 @@ impl MultimodalExecutor {
             Ok(MultimodalDataset::new(samples))
         };
         let (train, val, test) = (build(&site.train)?, build(&site.val)?, build(&site.test)?);
-        let (train, val, test) = standardize_slides(train, val, test)?;
         let (labelled, _, events) = train.counts();
         if train.len() < 2 || (labelled == 0 && events == 0) {
             bail!(
@@ -159,19 +170,63 @@ impl MultimodalExecutor {
                 events
             );
         }
-        let fingerprint = fedhcc_model::multimodal_layout(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?.fingerprint();
+        let fingerprint = study.initial_params(0)?.fingerprint();
         tracing::info!(
             model = %cfg.kind, train = train.len(), val = val.len(), test = test.len(),
             left_out_without_mri = tally.without_mri, left_out_without_outcome = tally.without_outcome,
             without_slide = tally.without_slide, slides_capped = tally.truncated_bags,
             "site data ready"
         );
-        Ok(Self { cfg, fingerprint, backend, train, val, test })
+        let mut local = vec![crate::standardise::clinical_sums(&site.stats)];
+        if cfg.kind.uses_wsi() {
+            let bags = train.samples().iter().filter_map(|s| s.bag.as_ref());
+            local.push(crate::standardise::bag_sums(bags, cfg.wsi.features).context("slide feature statistics")?);
+        }
+        let raw =
+            [&train, &val, &test].map(|d| d.samples().iter().map(|s| (s.clinical.clone(), s.bag.clone())).collect());
+        let mut exec =
+            Self { cfg, fingerprint, backend, train, val, test, raw, local, positions: site.positions, applied: None };
+        let own = exec.local.iter().map(GroupSums::mean_std).collect();
+        exec.apply(own);
+        Ok(exec)
     }
 
-    /// One executor over several sites' data (`fedhcc train --mode central`, a simulation): each
-    /// site's data are encoded and standardised with that site's statistics, then concatenated
-    /// split by split.
+    /// The ids of the test split's patients, in evaluation order.
+    pub fn test_ids(&self) -> Vec<String> {
+        self.test.samples().iter().map(|s| s.id.clone()).collect()
+    }
+
+    /// Standardises every patient's clinical row and patch features with `stats` (one `(mean,
+    /// std)` per group of `local`) unless they already are.
+    fn apply(&mut self, stats: Vec<(Vec<f32>, Vec<f32>)>) {
+        if self.applied.as_ref() == Some(&stats) {
+            return;
+        }
+        let (cm, cs) = &stats[0];
+        let wsi = stats.get(1);
+        for (data, raw) in [&mut self.train, &mut self.val, &mut self.test].into_iter().zip(&self.raw) {
+            for (sample, (row, bag)) in data.samples_mut().iter_mut().zip(raw) {
+                sample.clinical.clone_from(row);
+                fedhcc_cohort::standardise_row(&self.positions, &mut sample.clinical, cm, cs);
+                sample.bag = match (bag, wsi) {
+                    (Some(b), Some((m, s))) => Some(crate::standardise::standardise_bag(b, m, s)),
+                    (b, _) => b.clone(),
+                };
+            }
+        }
+        self.applied = Some(stats);
+    }
+
+    /// Applies the statistics `global` carries (else this site's own) and returns its trainable part.
+    fn prepare(&mut self, global: &ParameterSet) -> Result<ParameterSet, ExecutorError> {
+        let stats = self.local.iter().map(|g| crate::standardise::resolve(global, &g.group, g)).collect();
+        self.apply(stats);
+        crate::standardise::trainable(global)
+    }
+
+    /// One executor over several sites' data (`fedhcc train --mode central`, a simulation): the
+    /// data are concatenated split by split and standardised with the sites' pooled statistics,
+    /// exactly what a federated run's statistics exchange gives.
     ///
     /// # Errors
     /// No part given, or parts of different models.
@@ -180,6 +235,8 @@ impl MultimodalExecutor {
         let first = it.next().context("no site to pool")?;
         let (mut train, mut val, mut test) =
             (first.train.into_samples(), first.val.into_samples(), first.test.into_samples());
+        let mut raw = first.raw;
+        let mut sums: Vec<Vec<GroupSums>> = first.local.into_iter().map(|g| vec![g]).collect();
         for p in it {
             if p.fingerprint != first.fingerprint {
                 bail!("the sites train different models (fingerprints {} and {})", first.fingerprint, p.fingerprint);
@@ -187,24 +244,43 @@ impl MultimodalExecutor {
             train.extend(p.train.into_samples());
             val.extend(p.val.into_samples());
             test.extend(p.test.into_samples());
+            for (into, from) in raw.iter_mut().zip(p.raw) {
+                into.extend(from);
+            }
+            for (into, g) in sums.iter_mut().zip(p.local) {
+                into.push(g);
+            }
         }
-        Ok(Self {
+        let local = sums
+            .iter()
+            .map(|parts| GroupSums::merge(&parts.iter().collect::<Vec<_>>()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut exec = Self {
             cfg: first.cfg,
             fingerprint: first.fingerprint,
             backend: first.backend,
             train: MultimodalDataset::new(train),
             val: MultimodalDataset::new(val),
             test: MultimodalDataset::new(test),
-        })
+            raw,
+            local,
+            positions: first.positions,
+            applied: None,
+        };
+        let pooled = exec.local.iter().map(GroupSums::mean_std).collect();
+        exec.apply(pooled);
+        Ok(exec)
     }
 
-    /// Local training from `global` (the function behind every mode: federated train tasks,
+    /// Local training from `global`, the trainable part of the task's model with the inputs already
+    /// standardised by [`Self::prepare`] (the function behind every mode: federated train tasks,
     /// `fedhcc train --mode local` and `--mode central`). Logs one line per epoch (aggregates
     /// only). Returns the outcome and the aggregate metrics reported to the server.
     ///
     /// # Errors
     /// What [`fedhcc_model::train_multimodal`] refuses, or cancellation.
-    pub fn train_from(
+    fn train_from(
         &self,
         global: &ParameterSet,
         tp: &TrainParams,
@@ -263,12 +339,12 @@ impl MultimodalExecutor {
         Ok((out, metrics))
     }
 
-    /// Aggregate metrics of `params` on `split` (`test` or `val`): `auc`, `c_index`, `loss` (the
+    /// Aggregate metrics of `params` (a trainable part, inputs prepared) on `split` (`test` or `val`): `auc`, `c_index`, `loss` (the
     /// training objective without regularisation), `bce`, `cox_nll`, `n_positive`.
     ///
     /// # Errors
     /// An unknown or empty split, or what [`fedhcc_model::evaluate_multimodal`] refuses.
-    pub fn evaluate_split(&self, params: &ParameterSet, split: &str) -> Result<EvalResult, ExecutorError> {
+    fn evaluate_split(&self, params: &ParameterSet, split: &str) -> Result<EvalResult, ExecutorError> {
         let data = match split {
             "val" => &self.val,
             "test" => &self.test,
@@ -301,31 +377,6 @@ fn objective(cfg: &MultimodalConfig, ev: &MultimodalEvalOutcome) -> Option<f64> 
     Some(cfg.loss.bce_weight * ev.bce.unwrap_or(0.0) + cfg.loss.cox_weight * ev.cox.unwrap_or(0.0))
 }
 
-/// Standardises every slide's patch features with the training split's moments.
-fn standardize_slides(
-    train: MultimodalDataset,
-    val: MultimodalDataset,
-    test: MultimodalDataset,
-) -> Result<(MultimodalDataset, MultimodalDataset, MultimodalDataset)> {
-    let mut moments = PatchFeatureMoments::default();
-    for bag in train.samples().iter().filter_map(|s| s.bag.as_ref()) {
-        moments.add_bag(bag).map_err(|e| anyhow::anyhow!("slide feature statistics: {e}"))?;
-    }
-    if moments.count == 0 {
-        return Ok((train, val, test));
-    }
-    let apply = |d: MultimodalDataset| -> Result<MultimodalDataset> {
-        let mut samples = d.into_samples();
-        for s in &mut samples {
-            if let Some(bag) = s.bag.as_mut() {
-                moments.standardize(bag).map_err(|e| anyhow::anyhow!("patient {}: {e}", s.id))?;
-            }
-        }
-        Ok(MultimodalDataset::new(samples))
-    };
-    Ok((apply(train)?, apply(val)?, apply(test)?))
-}
-
 impl Executor for MultimodalExecutor {
     fn fingerprint(&self) -> Option<Fingerprint> {
         Some(self.fingerprint)
@@ -341,11 +392,17 @@ impl Executor for MultimodalExecutor {
         spec: &TrainSpec,
         ctl: &TaskControl,
     ) -> Result<TrainResult, ExecutorError> {
+        let model = self.prepare(global)?;
         let cancel = || ctl.is_cancelled();
         let (out, metrics) = self
-            .train_from(global, &train_params(spec), spec.round, &cancel)
+            .train_from(&model, &train_params(spec), spec.round, &cancel)
             .map_err(|e| ExecutorError(e.to_string()))?;
-        Ok(TrainResult { params: out.params, num_samples: out.samples as u64, metrics })
+        let params = crate::standardise::with_frozen(out.params, global)?;
+        Ok(TrainResult { params, num_samples: out.samples as u64, metrics })
+    }
+
+    fn statistics(&mut self) -> Result<Vec<GroupSums>, ExecutorError> {
+        Ok(self.local.clone())
     }
 
     fn evaluate(
@@ -354,6 +411,7 @@ impl Executor for MultimodalExecutor {
         split: &str,
         _ctl: &TaskControl,
     ) -> Result<EvalResult, ExecutorError> {
-        self.evaluate_split(global, split)
+        let model = self.prepare(global)?;
+        self.evaluate_split(&model, split)
     }
 }

@@ -193,22 +193,33 @@ impl StudyModel {
         }
     }
 
-    /// The model every site starts from (deterministic from the study's seed).
+    /// The model every site starts from (deterministic from the study's seed): the burn model's
+    /// tensors followed by the (unset) standardisation tensors of its input groups, which the
+    /// server fills from the sites' pooled statistics before round 1.
     ///
     /// # Errors
     /// A synthetic model size out of range.
     pub fn initial_params(&self, seed: u64) -> Result<ParameterSet> {
-        match &self.model {
+        let model = match &self.model {
             ModelSection::Clinical { .. } => {
                 let cfg = self.clinical_config().context("clinical model")?;
-                Ok(fedhcc_model::init_params(&cfg, seed))
+                fedhcc_model::init_params(&cfg, seed)
             }
-            ModelSection::Synthetic { params } => synthetic_params(*params),
+            ModelSection::Synthetic { params } => return synthetic_params(*params),
             ModelSection::Preop(_) | ModelSection::Postop(_) => {
                 let cfg = self.multimodal_config()?.context("multimodal model")?;
-                fedhcc_model::init_multimodal_params(&cfg, seed).map_err(|e| anyhow::anyhow!("study [model]: {e}"))
+                fedhcc_model::init_multimodal_params(&cfg, seed).map_err(|e| anyhow::anyhow!("study [model]: {e}"))?
             }
+        };
+        let numeric = fedhcc_cohort::numeric_positions(&self.spec).len();
+        let mut groups = vec![(crate::standardise::CLINICAL, numeric)];
+        if let ModelSection::Postop(_) = &self.model {
+            let cfg = self.multimodal_config()?.context("multimodal model")?;
+            groups.push((crate::standardise::WSI, cfg.wsi.features));
         }
+        let groups: Vec<(&str, usize)> = groups.into_iter().filter(|&(_, n)| n > 0).collect();
+        fedhcc_core::standardisation::attach(model, &fedhcc_core::standardisation::unset_tensors(&groups))
+            .context("adding the standardisation tensors")
     }
 }
 

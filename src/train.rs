@@ -6,6 +6,9 @@
 //!   "centralised" upper bound). Each site's rows are encoded and standardised with that site's
 //!   own statistics, exactly as in the federated run, then concatenated.
 //!
+//! The inputs are standardised with the sites' pooled statistics (sums and counts merged exactly
+//! as the server merges them before round 1), written into the model like a federated run does.
+//!
 //! Both run the study's `[federation] rounds` (or `--rounds`) successive local trainings of
 //! `[training] local_epochs` each, with the seeds a federated run would use, write the trained
 //! model as a checkpoint (the server's `.fhcp` payload format, which `fedhcc export` reads) and
@@ -18,6 +21,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use fedhcc_client::{EvalResult, Executor, TaskControl, TrainSpec};
 use fedhcc_core::config::load_site;
+use fedhcc_core::params::ParameterSet;
 use fedhcc_model::BackendKind;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -41,6 +45,15 @@ pub struct TrainArgs {
     /// Compute backend (default: the site config's `backend`, else the fastest CPU backend).
     #[arg(long)]
     pub backend: Option<String>,
+    /// Start from this checkpoint (a `.fhcp` of the same study model, for instance a federated
+    /// run's final model) instead of a fresh model; with `--rounds 0` it is only evaluated, on the
+    /// same held-out patients as a model trained here.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Also write the held-out test patients' ids, one per line, to this file (to compare with a
+    /// reference on the same patients, e.g. `scripts/best_auc.py --ids`). Ids only, no values.
+    #[arg(long)]
+    pub test_ids: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -48,15 +61,15 @@ pub struct TrainArgs {
 
 /// The executor a non-federated training runs.
 enum Trainer {
-    Clinical(ClinicalExecutor),
-    Multimodal(MultimodalExecutor),
+    Clinical(Box<ClinicalExecutor>),
+    Multimodal(Box<MultimodalExecutor>),
 }
 
 impl Trainer {
     fn executor(&mut self) -> &mut dyn Executor {
         match self {
-            Trainer::Clinical(e) => e,
-            Trainer::Multimodal(e) => e,
+            Trainer::Clinical(e) => e.as_mut(),
+            Trainer::Multimodal(e) => e.as_mut(),
         }
     }
 }
@@ -116,14 +129,43 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
     let (study, model, mut params) = first.context("no --site-config given")?;
     let mut trainer = if multimodal.is_empty() {
-        Trainer::Clinical(ClinicalExecutor::pooled(clinical)?)
+        Trainer::Clinical(Box::new(ClinicalExecutor::pooled(clinical)?))
     } else {
-        Trainer::Multimodal(MultimodalExecutor::pooled(multimodal)?)
+        Trainer::Multimodal(Box::new(MultimodalExecutor::pooled(multimodal)?))
     };
+    if let Some(path) = &args.test_ids {
+        let ids = match &trainer {
+            Trainer::Clinical(e) => e.test_ids(),
+            Trainer::Multimodal(e) => e.test_ids(),
+        };
+        fedhcc_core::pki::write_atomic(path, ids.join("\n").as_bytes(), false)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     let exec = trainer.executor();
     let rounds = args.rounds.unwrap_or(study.federation.rounds);
-    if rounds == 0 {
-        bail!("--rounds must be at least 1");
+    if rounds == 0 && args.init.is_none() {
+        bail!("--rounds must be at least 1 (0 only evaluates a model given with --init)");
+    }
+    match &args.init {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let given =
+                ParameterSet::decode(&bytes).with_context(|| format!("{}: not a fedhcc checkpoint", path.display()))?;
+            if given.fingerprint() != params.fingerprint() {
+                bail!(
+                    "{}: model {} is not this study's model {}",
+                    path.display(),
+                    given.fingerprint().short(),
+                    params.fingerprint().short()
+                );
+            }
+            params = given;
+        }
+        None => {
+            // What the server does before round 1: pool the sites' sums into the model.
+            let sums = exec.statistics().map_err(|e| anyhow::anyhow!("feature statistics: {e}"))?;
+            fedhcc_core::standardisation::write(&mut params, &sums).context("pooled feature statistics")?;
+        }
     }
     let t = &study.training;
     let ctl = TaskControl::default();

@@ -8,14 +8,16 @@
 //! - [`run`]: the task loop.
 
 pub mod local_layers;
+pub mod status;
 pub mod transport;
 
 use fedhcc_core::params::{Fingerprint, ParameterSet};
+use fedhcc_core::standardisation::GroupSums;
 use fedhcc_proto as pb;
 use rand::Rng;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 pub use transport::{ServerTarget, TransportError};
@@ -51,10 +53,13 @@ pub struct EvalResult {
     pub metrics: Vec<(String, f64)>,
 }
 
-/// Lets a long task notice that it should stop.
+/// Lets a long task notice that it should stop, and report how far it is (shown in
+/// `status.json` while it runs).
 #[derive(Clone, Debug, Default)]
 pub struct TaskControl {
     cancelled: Arc<AtomicBool>,
+    /// (done, total) in units of work, e.g. epochs; total 0 = nothing reported.
+    progress: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl TaskControl {
@@ -63,6 +68,16 @@ impl TaskControl {
     }
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Relaxed);
+    }
+    /// Notes that `done` of `total` units of work (epochs) are finished.
+    pub fn report_progress(&self, done: u64, total: u64) {
+        self.progress.0.store(done.min(total), Ordering::Relaxed);
+        self.progress.1.store(total, Ordering::Relaxed);
+    }
+    /// The last progress reported: (done, total).
+    pub fn progress(&self) -> Option<(u64, u64)> {
+        let total = self.progress.1.load(Ordering::Relaxed);
+        (total > 0).then(|| (self.progress.0.load(Ordering::Relaxed), total))
     }
 }
 
@@ -92,6 +107,15 @@ pub trait Executor: Send + 'static {
     /// # Errors
     /// The data or model cannot be used.
     fn evaluate(&mut self, global: &ParameterSet, split: &str, ctl: &TaskControl) -> Result<EvalResult, ExecutorError>;
+    /// This site's training-split sums, sums of squares and counts per input group, for the
+    /// study's pooled standardisation (`fedhcc_core::standardisation`): aggregates only, small
+    /// cells already suppressed. The default (a model without standardisation) has none.
+    ///
+    /// # Errors
+    /// The data cannot be summarised.
+    fn statistics(&mut self) -> Result<Vec<GroupSums>, ExecutorError> {
+        Ok(Vec::new())
+    }
 }
 
 /// A boxed executor is an executor (for callers that choose one at run time).
@@ -112,6 +136,9 @@ impl Executor for Box<dyn Executor> {
     }
     fn evaluate(&mut self, global: &ParameterSet, split: &str, ctl: &TaskControl) -> Result<EvalResult, ExecutorError> {
         (**self).evaluate(global, split, ctl)
+    }
+    fn statistics(&mut self) -> Result<Vec<GroupSums>, ExecutorError> {
+        (**self).statistics()
     }
 }
 
@@ -153,15 +180,16 @@ pub enum ClientError {
     Executor(#[from] ExecutorError),
 }
 
-/// What the site operator sees in `status.json`.
-#[derive(serde::Serialize)]
-struct StatusFile<'a> {
-    site_id: &'a str,
-    state: &'a str,
+/// What was last written to `status.json`, so heartbeats and progress can rewrite it.
+#[derive(Debug, Default)]
+struct Report {
+    state: String,
     detail: String,
     round: u32,
-    rounds_trained: u32,
-    updated_unix: u64,
+    total_rounds: u32,
+    progress: Option<status::Progress>,
+    last_error: Option<(String, u64)>,
+    started_unix: u64,
 }
 
 struct Runner<E> {
@@ -169,27 +197,66 @@ struct Runner<E> {
     executor: Option<E>,
     outcome: ClientOutcome,
     trained_tasks: std::collections::HashSet<String>,
+    report: std::sync::Mutex<Report>,
 }
 
 impl<E: Executor> Runner<E> {
+    /// Logs a change of state and writes it to `status.json` (progress cleared).
     fn status(&self, state: &str, detail: String, round: u32) {
         tracing::info!(site = %self.opts.site_id, state, round, "{detail}");
-        let Some(dir) = &self.opts.state_dir else { return };
-        let s = StatusFile {
-            site_id: &self.opts.site_id,
-            state,
-            detail,
-            round,
-            rounds_trained: self.outcome.rounds_trained,
-            updated_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        };
-        if let Ok(text) = serde_json::to_string_pretty(&s) {
-            let _ = std::fs::create_dir_all(dir);
-            let _ = fedhcc_core::pki::write_atomic(&dir.join("status.json"), text.as_bytes(), false);
+        {
+            let mut r = self.report.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            r.state = state.to_string();
+            r.detail = detail;
+            r.round = round;
+            r.progress = None;
         }
+        self.write_status();
+    }
+
+    /// Rewrites `status.json` with the current state (a heartbeat: the client is alive).
+    fn write_status(&self) {
+        let Some(dir) = &self.opts.state_dir else { return };
+        let now = status::now_unix();
+        let s = {
+            let mut r = self.report.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if r.started_unix == 0 {
+                r.started_unix = now;
+            }
+            status::ClientStatus {
+                site_id: self.opts.site_id.clone(),
+                state: r.state.clone(),
+                detail: r.detail.clone(),
+                round: r.round,
+                total_rounds: r.total_rounds,
+                rounds_trained: self.outcome.rounds_trained,
+                evaluations: self.outcome.evaluations,
+                progress: r.progress.clone(),
+                last_error: r.last_error.as_ref().map(|(e, _)| e.clone()),
+                last_error_unix: r.last_error.as_ref().map(|(_, t)| *t),
+                started_unix: r.started_unix,
+                pid: std::process::id(),
+                updated_unix: now,
+            }
+        };
+        if let Err(e) = status::write(dir, &s) {
+            tracing::warn!(error = %e, "could not write the status file");
+        }
+    }
+
+    /// Remembers an error for `status.json` (kept until the next one).
+    fn note_error(&self, message: String) {
+        let mut r = self.report.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.last_error = Some((message, status::now_unix()));
+    }
+
+    /// Records the progress of the running local task, if it changed; true when it did.
+    fn note_progress(&self, done: u64, total: u64) -> bool {
+        let mut r = self.report.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let p = Some(status::Progress { done, total, unit: "epochs".into() });
+        let changed = r.progress != p;
+        r.progress = p;
+        changed
     }
 
     /// The task's reference, unless this client already answered it (a task is resent after a
@@ -218,6 +285,7 @@ impl<E: Executor> Runner<E> {
             tracing::warn!(server_run = %join.run_id, configured = %self.opts.run_id, "the server runs another run id; following the server");
             self.opts.run_id = join.run_id.clone();
         }
+        self.report.lock().unwrap_or_else(std::sync::PoisonError::into_inner).total_rounds = join.total_rounds;
         self.status(
             "joined",
             format!(
@@ -241,7 +309,7 @@ impl<E: Executor> Runner<E> {
                 return Err(TransportError::Damaged("the server closed the task stream".into()).into());
             };
             match ev.event {
-                Some(pb::task_event::Event::Heartbeat(_)) | None => {}
+                Some(pb::task_event::Event::Heartbeat(_)) | None => self.write_status(),
                 Some(pb::task_event::Event::Finished(f)) => {
                     self.outcome.finished = true;
                     self.outcome.final_model_sha256 = f.final_model_sha256.clone();
@@ -254,6 +322,7 @@ impl<E: Executor> Runner<E> {
                 }
                 Some(pb::task_event::Event::Train(t)) => self.train(&mut client, t, shutdown).await?,
                 Some(pb::task_event::Event::Evaluate(t)) => self.evaluate(&mut client, t, shutdown).await?,
+                Some(pb::task_event::Event::Statistics(t)) => self.statistics(&mut client, t, shutdown).await?,
             }
         }
     }
@@ -275,9 +344,21 @@ impl<E: Executor> Runner<E> {
             ctl.cancel();
             std::future::pending::<()>().await
         };
-        let joined = tokio::select! {
-            j = handle => j,
-            _ = cancel_on_shutdown => unreachable!("pending never completes"),
+        tokio::pin!(handle, cancel_on_shutdown);
+        // While the task runs, its progress goes to status.json once a second when it changes.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let joined = loop {
+            tokio::select! {
+                j = &mut handle => break j,
+                _ = &mut cancel_on_shutdown => unreachable!("pending never completes"),
+                _ = tick.tick() => {
+                    if let Some((done, total)) = ctl.progress()
+                        && self.note_progress(done, total)
+                    {
+                        self.write_status();
+                    }
+                }
+            }
         };
         let (exec, r) = joined.map_err(|e| ExecutorError(format!("local task panicked: {e}")))?;
         self.executor = Some(exec);
@@ -332,11 +413,45 @@ impl<E: Executor> Runner<E> {
             // The round closed meanwhile: the next task will come.
             Err(TransportError::Status(s)) if s.code() == tonic::Code::FailedPrecondition => {
                 tracing::warn!(reason = s.message(), "update not used");
+                self.note_error(format!("round {round}: the server did not use this update: {}", s.message()));
             }
             Err(e) => return Err(e.into()),
         }
         self.trained_tasks.insert(tref.task_id.clone());
         self.status("waiting", format!("round {round} done; waiting for the next task"), round);
+        Ok(())
+    }
+
+    /// Sends this site's training-split feature sums (aggregates, small cells suppressed) for
+    /// the study's pooled standardisation.
+    async fn statistics(
+        &mut self,
+        client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+        t: pb::StatisticsTask,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ClientError> {
+        let Some(tref) = self.new_task(t.task.clone())? else { return Ok(()) };
+        self.status("statistics", "sending feature sums and counts for the pooled standardisation".into(), 0);
+        let groups = self.run_blocking(shutdown, |e, _| e.statistics()).await??;
+        let report = pb::StatisticsReport {
+            task: Some(tref.clone()),
+            groups: groups
+                .into_iter()
+                .map(|g| pb::FeatureSums {
+                    group: g.group,
+                    columns: g.columns,
+                    sum: g.sum,
+                    sum_sq: g.sum_sq,
+                    count: g.count,
+                })
+                .collect(),
+        };
+        if let Some(s) = not_used(client.report_statistics(report).await)? {
+            tracing::warn!(reason = s.message(), "statistics not used");
+            self.note_error(format!("the server did not use this site's statistics: {}", s.message()));
+        }
+        self.trained_tasks.insert(tref.task_id.clone());
+        self.status("waiting", "feature statistics sent; waiting for round 1".into(), 0);
         Ok(())
     }
 
@@ -358,16 +473,26 @@ impl<E: Executor> Runner<E> {
             num_samples: res.num_samples,
             metrics: res.metrics.into_iter().map(|(name, value)| pb::Metric { name, value }).collect(),
         };
-        match client.report_evaluation(report).await {
-            Ok(_) => self.outcome.evaluations += 1,
-            Err(s) if matches!(s.code(), tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition) => {
+        match not_used(client.report_evaluation(report).await)? {
+            None => self.outcome.evaluations += 1,
+            Some(s) => {
                 tracing::warn!(reason = s.message(), "evaluation not used");
+                self.note_error(format!("round {round}: the server did not use this evaluation: {}", s.message()));
             }
-            Err(s) => return Err(TransportError::from(s).into()),
         }
         self.trained_tasks.insert(tref.task_id.clone());
         self.status("waiting", format!("evaluation of round {round} sent; waiting"), round);
         Ok(())
+    }
+}
+
+/// A report's reply: `None` when it was used, `Some(status)` when the server had already counted
+/// it or its task has closed (nothing to redo), an error otherwise.
+fn not_used<T>(reply: Result<T, tonic::Status>) -> Result<Option<tonic::Status>, ClientError> {
+    match reply {
+        Ok(_) => Ok(None),
+        Err(s) if matches!(s.code(), tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition) => Ok(Some(s)),
+        Err(s) => Err(TransportError::from(s).into()),
     }
 }
 
@@ -398,8 +523,14 @@ pub async fn run<E: Executor>(
     executor: E,
     shutdown: CancellationToken,
 ) -> Result<ClientOutcome, ClientError> {
-    let mut runner =
-        Runner { opts, executor: Some(executor), outcome: ClientOutcome::default(), trained_tasks: Default::default() };
+    let mut runner = Runner {
+        opts,
+        executor: Some(executor),
+        outcome: ClientOutcome::default(),
+        trained_tasks: Default::default(),
+        report: Default::default(),
+    };
+    runner.status("starting", format!("connecting to {}", runner.opts.target.url), 0);
     let mut backoff = runner.opts.min_backoff;
     let mut unreachable_since: Option<Instant> = None;
     loop {
@@ -416,10 +547,13 @@ pub async fn run<E: Executor>(
                     unreachable_since = None;
                 }
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
+                runner.note_error(format!("server unreachable: {e}"));
                 if let Some(limit) = runner.opts.give_up_after
                     && since.elapsed() > limit
                 {
-                    return Err(ClientError::GaveUp(limit));
+                    let e = ClientError::GaveUp(limit);
+                    runner.status("stopped", format!("stopped: {e}"), 0);
+                    return Err(e);
                 }
                 let jitter = rand::rng().random_range(0.5..1.5);
                 let wait = backoff.mul_f64(jitter);
@@ -435,6 +569,7 @@ pub async fn run<E: Executor>(
                 backoff = (backoff * 2).min(runner.opts.max_backoff);
             }
             Err(e) => {
+                runner.note_error(e.to_string());
                 runner.status("stopped", format!("stopped: {e}"), 0);
                 return Err(e);
             }

@@ -153,6 +153,9 @@ impl<E: Executor> Executor for LocalLayers<E> {
         let full = self.full_model(global)?;
         self.inner.evaluate(&full, split, ctl)
     }
+    fn statistics(&mut self) -> Result<Vec<fedhcc_core::standardisation::GroupSums>, ExecutorError> {
+        self.inner.statistics()
+    }
 }
 
 #[cfg(test)]

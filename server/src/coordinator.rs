@@ -14,12 +14,17 @@ pub struct CoordinatorConfig {
     pub round_timeout: Duration,
     /// Evaluate every k committed rounds (0 = only after the last).
     pub evaluate_every: u32,
+    /// Before round 1 of a fresh run, collect the sites' feature statistics (the model carries
+    /// standardisation tensors).
+    pub statistics: bool,
 }
 
 /// Where the run is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     WaitingForSites,
+    /// Collecting the sites' feature sums before round 1.
+    Statistics,
     Training,
     Aggregating,
     Evaluating,
@@ -30,6 +35,7 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::WaitingForSites => "waiting_for_sites",
+            Phase::Statistics => "pooling_statistics",
             Phase::Training => "training",
             Phase::Aggregating => "aggregating",
             Phase::Evaluating => "evaluating",
@@ -41,6 +47,8 @@ impl Phase {
 /// What kind of task is running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TaskKind {
+    /// Feature sums for the pooled standardisation (before round 1; `round` is 0).
+    Statistics,
     Train,
     Evaluate,
 }
@@ -74,6 +82,10 @@ pub enum Action {
     Aggregate { task: Task, results: BTreeMap<String, SiteResult>, failures: BTreeMap<String, String> },
     /// The task closed without enough results; its spooled updates can be discarded.
     Discard { task: Task, reason: String },
+    /// The statistics task closed with enough answers: pool the sums these sites reported (in
+    /// this order) into the initial model, then call [`Coordinator::statistics_committed`] (or
+    /// [`Coordinator::statistics_failed`]).
+    StatisticsDone { task: Task, reported: BTreeSet<String>, missing: BTreeSet<String> },
     /// An evaluate task closed: these sites reported.
     EvaluationDone { task: Task, reported: BTreeSet<String>, missing: BTreeSet<String> },
     /// Every round is committed and evaluated.
@@ -124,11 +136,15 @@ pub struct Coordinator {
     deadline: Option<Instant>,
     connected: BTreeSet<String>,
     results: BTreeMap<String, SiteResult>,
+    /// The statistics task has yet to succeed.
+    statistics_pending: bool,
 }
 
-/// Task ids: `r3a1` = round 3, attempt 1; `e3a1` = evaluation after round 3.
+/// Task ids: `r3a1` = round 3, attempt 1; `e3a1` = evaluation after round 3; `s0a1` = the
+/// statistics task before round 1.
 pub fn task_id(kind: TaskKind, round: u32, attempt: u32) -> String {
     match kind {
+        TaskKind::Statistics => format!("s{round}a{attempt}"),
         TaskKind::Train => format!("r{round}a{attempt}"),
         TaskKind::Evaluate => format!("e{round}a{attempt}"),
     }
@@ -139,6 +155,7 @@ pub fn parse_task_id(id: &str) -> Option<(TaskKind, u32, u32)> {
     let kind = match id.as_bytes().first()? {
         b'r' => TaskKind::Train,
         b'e' => TaskKind::Evaluate,
+        b's' => TaskKind::Statistics,
         _ => return None,
     };
     let (r, a) = id[1..].split_once('a')?;
@@ -149,7 +166,9 @@ impl Coordinator {
     /// A coordinator resuming after `completed` committed rounds (0 for a fresh run).
     pub fn new(cfg: CoordinatorConfig, completed: u32) -> Self {
         let phase = if completed >= cfg.rounds { Phase::Finished } else { Phase::WaitingForSites };
+        let statistics_pending = cfg.statistics && completed == 0;
         Self {
+            statistics_pending,
             cfg,
             phase,
             completed,
@@ -200,24 +219,27 @@ impl Coordinator {
         self.connected = connected;
         match self.phase {
             Phase::WaitingForSites => self.try_start(TaskKind::Train, now),
-            Phase::Training | Phase::Evaluating => self.try_close(now, false),
+            Phase::Statistics | Phase::Training | Phase::Evaluating => self.try_close(now, false),
             Phase::Aggregating | Phase::Finished => vec![],
         }
     }
 
     fn try_start(&mut self, kind: TaskKind, now: Instant) -> Vec<Action> {
+        // A fresh run pools the sites' statistics before it trains.
+        let kind = if kind == TaskKind::Train && self.statistics_pending { TaskKind::Statistics } else { kind };
         if self.connected.len() < self.cfg.min_sites {
-            self.phase = if kind == TaskKind::Train { Phase::WaitingForSites } else { self.phase };
+            self.phase = if kind == TaskKind::Evaluate { self.phase } else { Phase::WaitingForSites };
             if kind == TaskKind::Evaluate && self.connected.is_empty() {
                 // Nobody to evaluate with: the evaluation is skipped rather than blocking the run.
                 return self.after_evaluation(now);
             }
-            if kind == TaskKind::Train {
+            if kind != TaskKind::Evaluate {
                 return vec![];
             }
         }
         self.attempt += 1;
         let round = match kind {
+            TaskKind::Statistics => 0,
             TaskKind::Train => self.completed + 1,
             TaskKind::Evaluate => self.completed,
         };
@@ -228,7 +250,11 @@ impl Coordinator {
             id: task_id(kind, round, self.attempt),
             selected: self.connected.clone(),
         };
-        self.phase = if kind == TaskKind::Train { Phase::Training } else { Phase::Evaluating };
+        self.phase = match kind {
+            TaskKind::Statistics => Phase::Statistics,
+            TaskKind::Train => Phase::Training,
+            TaskKind::Evaluate => Phase::Evaluating,
+        };
         self.results.clear();
         self.deadline = Some(now + self.cfg.round_timeout);
         self.task = Some(task.clone());
@@ -257,7 +283,9 @@ impl Coordinator {
         }
         let open = matches!(
             (self.phase, task.kind),
-            (Phase::Training, TaskKind::Train) | (Phase::Evaluating, TaskKind::Evaluate)
+            (Phase::Statistics, TaskKind::Statistics)
+                | (Phase::Training, TaskKind::Train)
+                | (Phase::Evaluating, TaskKind::Evaluate)
         );
         if task.kind != kind || !open {
             return Err(Refusal::WrongPhase { phase: self.phase });
@@ -318,45 +346,54 @@ impl Coordinator {
         let all_answered = pending.is_empty();
         let rest_gone = pending.iter().all(|s| !self.connected.contains(*s));
         match task.kind {
-            TaskKind::Train => {
+            TaskKind::Statistics | TaskKind::Train => {
                 let enough = self.results.len() >= self.cfg.min_sites;
-                if all_answered || (rest_gone && enough) || deadline_passed {
-                    self.deadline = None;
-                    let failures: BTreeMap<String, String> = pending
-                        .iter()
-                        .map(|s| {
-                            let why = if self.connected.contains(*s) {
-                                "no update before the round deadline"
-                            } else {
-                                "disconnected"
-                            };
-                            ((*s).clone(), why.to_string())
-                        })
-                        .collect();
-                    if enough {
-                        self.phase = Phase::Aggregating;
-                        let results = std::mem::take(&mut self.results);
-                        return vec![Action::Aggregate { task, results, failures }];
-                    }
-                    if !deadline_passed {
-                        // Not enough answers yet and some selected sites are merely disconnected:
-                        // they may come back before the deadline.
-                        self.deadline = Some(self.deadline.unwrap_or(now));
-                        return vec![];
-                    }
-                    let reason = format!(
-                        "only {} of the {} sites needed answered before the deadline",
-                        self.results.len(),
-                        self.cfg.min_sites
-                    );
-                    self.results.clear();
-                    self.task = None;
-                    self.phase = Phase::WaitingForSites;
-                    let mut actions = vec![Action::Discard { task, reason }];
-                    actions.extend(self.try_start(TaskKind::Train, now));
-                    return actions;
+                if !(all_answered || (rest_gone && enough) || deadline_passed) {
+                    return vec![];
                 }
-                vec![]
+                self.deadline = None;
+                if enough {
+                    self.phase = Phase::Aggregating;
+                    let results = std::mem::take(&mut self.results);
+                    let missing: Vec<String> = pending.into_iter().cloned().collect();
+                    return vec![match task.kind {
+                        TaskKind::Statistics => Action::StatisticsDone {
+                            task,
+                            reported: results.into_keys().collect(),
+                            missing: missing.into_iter().collect(),
+                        },
+                        _ => {
+                            let failures = missing
+                                .into_iter()
+                                .map(|s| {
+                                    let why = if self.connected.contains(&s) {
+                                        "no update before the round deadline"
+                                    } else {
+                                        "disconnected"
+                                    };
+                                    (s, why.to_string())
+                                })
+                                .collect();
+                            Action::Aggregate { task, results, failures }
+                        }
+                    }];
+                }
+                if !deadline_passed {
+                    // Every selected site answered, yet fewer than the quorum: close at once.
+                    self.deadline = Some(now);
+                    return vec![];
+                }
+                let reason = format!(
+                    "only {} of the {} sites needed answered before the deadline",
+                    self.results.len(),
+                    self.cfg.min_sites
+                );
+                self.results.clear();
+                self.task = None;
+                self.phase = Phase::WaitingForSites;
+                let mut actions = vec![Action::Discard { task, reason }];
+                actions.extend(self.try_start(TaskKind::Train, now));
+                actions
             }
             TaskKind::Evaluate => {
                 if all_answered || rest_gone || deadline_passed {
@@ -398,6 +435,23 @@ impl Coordinator {
         self.try_start(TaskKind::Train, now)
     }
 
+    /// The pooled statistics are in the initial model (checkpointed): round 1 starts.
+    pub fn statistics_committed(&mut self, now: Instant) -> Vec<Action> {
+        self.statistics_pending = false;
+        self.task = None;
+        self.results.clear();
+        self.phase = Phase::WaitingForSites;
+        self.try_start(TaskKind::Train, now)
+    }
+
+    /// The reported statistics could not be pooled: the statistics task is asked again.
+    pub fn statistics_failed(&mut self, now: Instant) -> Vec<Action> {
+        self.task = None;
+        self.results.clear();
+        self.phase = Phase::WaitingForSites;
+        self.try_start(TaskKind::Train, now)
+    }
+
     /// Aggregation failed (for instance a spooled update vanished): the round is retried.
     pub fn aggregation_failed(&mut self, now: Instant) -> Vec<Action> {
         self.task = None;
@@ -412,7 +466,13 @@ mod tests {
     use super::*;
 
     fn cfg(rounds: u32, min_sites: usize) -> CoordinatorConfig {
-        CoordinatorConfig { rounds, min_sites, round_timeout: Duration::from_secs(10), evaluate_every: 0 }
+        CoordinatorConfig {
+            rounds,
+            min_sites,
+            round_timeout: Duration::from_secs(10),
+            evaluate_every: 0,
+            statistics: false,
+        }
     }
     fn set(s: &[&str]) -> BTreeSet<String> {
         s.iter().map(|x| x.to_string()).collect()
@@ -446,6 +506,53 @@ mod tests {
         assert_eq!(c.phase(), Phase::Aggregating);
         let t = announced(&c.round_committed(1, t0));
         assert_eq!(t.id, "r2a2");
+    }
+
+    #[test]
+    fn a_fresh_run_pools_statistics_before_round_1_and_a_resumed_one_does_not() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new(CoordinatorConfig { statistics: true, ..cfg(2, 2) }, 0);
+        assert!(c.sites_changed(set(&["a"]), t0).is_empty());
+        let t = announced(&c.sites_changed(set(&["a", "b"]), t0));
+        assert_eq!((t.kind, t.round, t.id.as_str()), (TaskKind::Statistics, 0, "s0a1"));
+        assert_eq!(c.phase(), Phase::Statistics);
+        assert!(matches!(c.check_submission("a", TaskKind::Train, "s0a1"), Err(Refusal::WrongPhase { .. })));
+        assert!(c.submission_accepted("b", TaskKind::Statistics, "s0a1", res(3), t0).unwrap().is_empty());
+        let a = c.submission_accepted("a", TaskKind::Statistics, "s0a1", res(4), t0).unwrap();
+        match &a[..] {
+            [Action::StatisticsDone { reported, missing, .. }] => {
+                assert_eq!(reported, &set(&["a", "b"]));
+                assert!(missing.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Nothing is announced until the pooled statistics are checkpointed.
+        assert_eq!(c.phase(), Phase::Aggregating);
+        let t = announced(&c.statistics_committed(t0));
+        assert_eq!((t.kind, t.id.as_str()), (TaskKind::Train, "r1a2"));
+        // A site that answered statistics late is told the task closed.
+        assert!(matches!(c.check_submission("a", TaskKind::Statistics, "s0a1"), Err(Refusal::Stale { .. })));
+
+        let mut resumed = Coordinator::new(CoordinatorConfig { statistics: true, ..cfg(3, 1) }, 1);
+        assert_eq!(announced(&resumed.sites_changed(set(&["a"]), t0)).kind, TaskKind::Train);
+    }
+
+    #[test]
+    fn statistics_without_quorum_at_the_deadline_are_asked_again_and_failures_retry() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new(CoordinatorConfig { statistics: true, ..cfg(2, 2) }, 0);
+        c.sites_changed(set(&["a", "b"]), t0);
+        c.submission_accepted("a", TaskKind::Statistics, "s0a1", res(3), t0).unwrap();
+        assert!(c.tick(t0 + Duration::from_secs(5)).is_empty());
+        let a = c.tick(t0 + Duration::from_secs(11));
+        assert!(matches!(&a[0], Action::Discard { .. }), "{a:?}");
+        let t = announced(&a);
+        assert_eq!((t.kind, t.id.as_str()), (TaskKind::Statistics, "s0a2"));
+        c.submission_accepted("a", TaskKind::Statistics, "s0a2", res(3), t0).unwrap();
+        c.submission_accepted("b", TaskKind::Statistics, "s0a2", res(3), t0).unwrap();
+        let t = announced(&c.statistics_failed(t0));
+        assert_eq!((t.kind, t.id.as_str()), (TaskKind::Statistics, "s0a3"));
+        assert_eq!(parse_task_id("s0a3"), Some((TaskKind::Statistics, 0, 3)));
     }
 
     #[test]

@@ -6,21 +6,27 @@
 //! - [`store`]: SQLite round records and atomic checkpoints.
 //! - [`service`]: the gRPC service (the only place errors become `tonic::Status`).
 //! - [`listener`]: TLS 1.3 accept loop with client-certificate and revocation checks.
+//! - [`dashboard`]: the study lead's web page, its JSON and `/metrics` ([`metrics`]), over HTTPS on
+//!   a port of its own; [`events`] keeps the recent events it shows.
 //! - [`run`]: wires them together; the caller binds the listener and owns shutdown.
 
 pub mod coordinator;
+pub mod dashboard;
+pub mod events;
 pub mod listener;
+pub mod metrics;
 pub mod service;
 pub mod state;
 pub mod store;
 pub mod strategy;
 
 use coordinator::{Action, Coordinator, CoordinatorConfig, Phase, TaskKind};
+use events::EventKind;
 use fedhcc_core::config::{ServerConfig, StudyConfig};
 use fedhcc_core::params::{Layout, ParameterSet, decode_header};
 use fedhcc_proto as pb;
 use state::{Announcement, GlobalModel, Shared, lock};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -72,16 +78,46 @@ pub struct RunOutcome {
 }
 
 /// Runs the server on an already-bound listener until the run finishes (every round committed and
-/// evaluated, and the sites told) or `shutdown` is cancelled.
+/// evaluated, and the sites told) or `shutdown` is cancelled. With a `[dashboard]` table in the
+/// configuration it also binds the dashboard's address and serves the dashboard there.
 ///
 /// # Errors
-/// Unusable state folder, TLS files or checkpoints; never for a misbehaving site.
+/// Unusable state folder, TLS files, checkpoints or dashboard address; never for a misbehaving site.
 pub async fn run(
     listener: TcpListener,
     opts: ServerOptions,
     shutdown: CancellationToken,
 ) -> Result<RunOutcome, ServerError> {
+    let dashboard = match &opts.config.dashboard {
+        Some(d) => Some(TcpListener::bind(&d.listen).await.map_err(|e| {
+            ServerError::Io(format!("dashboard: cannot listen on {} ([dashboard] listen): {e}", d.listen))
+        })?),
+        None => None,
+    };
+    run_with_dashboard(listener, dashboard, opts, shutdown).await
+}
+
+/// [`run`] with the dashboard on an already-bound listener (tests bind `127.0.0.1:0`); `None`
+/// serves no dashboard. A listener needs the configuration's `[dashboard]` table (token, metrics).
+///
+/// # Errors
+/// As [`run`]; also a dashboard listener without a `[dashboard]` table, or an unusable token file.
+pub async fn run_with_dashboard(
+    listener: TcpListener,
+    dashboard: Option<TcpListener>,
+    opts: ServerOptions,
+    shutdown: CancellationToken,
+) -> Result<RunOutcome, ServerError> {
     let ServerOptions { config, study, initial_model } = opts;
+    let dashboard = match (dashboard, &config.dashboard) {
+        (Some(l), Some(cfg)) => Some((l, dashboard::Dashboard::prepare(cfg, &config.tls, &config.state_dir)?)),
+        (Some(_), None) => {
+            return Err(ServerError::Io(
+                "a dashboard listener was given but the server configuration has no [dashboard] table".into(),
+            ));
+        }
+        (None, _) => None,
+    };
     let description = strategy::from_study(&study)?.describe();
     // Under FedBN the server holds (and the wire carries) the shared parameters only.
     let initial_model = strategy::server_model(&study, initial_model)?;
@@ -116,6 +152,8 @@ pub async fn run(
             (0, GlobalModel { round: 0, path, sha256: sha, bytes, layout })
         }
     };
+    // A model with standardisation tensors pools the sites' feature statistics before round 1.
+    let statistics = !fedhcc_core::standardisation::groups(initial_model.layout()).is_empty();
     drop(initial_model);
     let spool_dir = state_dir.join("spool");
     let _ = std::fs::remove_dir_all(&spool_dir);
@@ -128,6 +166,7 @@ pub async fn run(
             min_sites: study.federation.min_sites,
             round_timeout: Duration::from_secs(study.federation.round_timeout_s),
             evaluate_every: study.federation.evaluate_every,
+            statistics,
         },
         completed,
     );
@@ -149,6 +188,8 @@ pub async fn run(
         bytes_in: Default::default(),
         bytes_out: Default::default(),
         task_started: Mutex::new(None),
+        metrics: Default::default(),
+        events: Default::default(),
         shutdown: inner.clone(),
         tracker: TaskTracker::new(),
     });
@@ -161,6 +202,9 @@ pub async fn run(
         shared.tracker.spawn(listener::accept_loop(listener, tls, files, conn_tx, token, tracker))
     };
     let driver = shared.tracker.spawn(drive(Arc::clone(&shared), jobs_rx, strategy, config.keep_checkpoints));
+    if let Some((l, d)) = dashboard {
+        d.spawn(l, Arc::clone(&shared))?;
+    }
 
     let svc = service::FederationService { shared: Arc::clone(&shared) };
     let server = tonic::transport::Server::builder()
@@ -276,6 +320,37 @@ fn warn_if_nothing_is_trimmed(study: &StudyConfig, sites: usize) {
     }
 }
 
+/// Pools the spooled statistics of `sites` (in site order) into the initial model and writes it
+/// as the round-0 checkpoint.
+fn pool_statistics(
+    store: &Mutex<Store>,
+    global: &GlobalModel,
+    spool: &Path,
+    sites: &BTreeSet<String>,
+) -> Result<GlobalModel, ServerError> {
+    let bad = |what: String| ServerError::Model(what);
+    let mut per_site = Vec::with_capacity(sites.len());
+    for site in sites {
+        let file = spool.join(format!("{site}.stats"));
+        let bytes = std::fs::read(&file).map_err(|e| ServerError::Io(format!("{}: {e}", file.display())))?;
+        per_site.push(
+            fedhcc_core::standardisation::decode_sums(&bytes).map_err(|e| bad(format!("{}: {e}", file.display())))?,
+        );
+    }
+    let groups = fedhcc_core::standardisation::groups(&global.layout);
+    let mut merged = Vec::with_capacity(groups.len());
+    for (g, _) in &groups {
+        let parts: Vec<&fedhcc_core::standardisation::GroupSums> =
+            per_site.iter().filter_map(|gs| gs.iter().find(|x| &x.group == g)).collect();
+        merged.push(fedhcc_core::standardisation::GroupSums::merge(&parts).map_err(|e| bad(e.to_string()))?);
+    }
+    let bytes = lock(store).read_checkpoint(&global.path, &global.sha256)?;
+    let mut model = ParameterSet::decode(&bytes).map_err(|e| bad(format!("{}: {e}", global.path.display())))?;
+    fedhcc_core::standardisation::write(&mut model, &merged).map_err(|e| bad(e.to_string()))?;
+    let (path, sha256, bytes) = lock(store).write_checkpoint(0, &model)?;
+    Ok(GlobalModel { round: 0, path, sha256, bytes, layout: model.layout().clone() })
+}
+
 fn verify_checkpoint(store: &Store, path: &Path, sha: &str) -> Result<Layout, ServerError> {
     let bytes = store.read_checkpoint(path, sha)?;
     let (layout, _) = decode_header(&bytes).map_err(|e| ServerError::Model(format!("{}: {e}", path.display())))?;
@@ -326,15 +401,65 @@ async fn handle_action(shared: &Arc<Shared>, action: Action, strategy: &mut Box<
         Action::Announce(_) => false,
         Action::Discard { task, reason } => {
             tracing::warn!(task = %task.id, %reason, "round closed without enough updates; it will be retried");
+            shared.metrics.round_retried();
+            shared.events.push(
+                EventKind::Retry,
+                None,
+                format!("round {}: closed without enough updates ({reason}); it will be retried", task.round),
+            );
             let _ = tokio::fs::remove_dir_all(shared.spool_dir.join(&task.id)).await;
+            false
+        }
+        Action::StatisticsDone { task, reported, missing } => {
+            let span = tracing::info_span!("statistics", task = %task.id);
+            let _e = span.enter();
+            let spool = shared.spool_dir.join(&task.id);
+            let Some(global) = shared.global() else {
+                tracing::error!("no initial model to put the statistics into");
+                return false;
+            };
+            let store = Arc::clone(&shared.store);
+            let sites = reported.clone();
+            let joined = tokio::task::spawn_blocking(move || pool_statistics(&store, &global, &spool, &sites)).await;
+            let _ = tokio::fs::remove_dir_all(shared.spool_dir.join(&task.id)).await;
+            let actions = match joined {
+                Ok(Ok(new_global)) => {
+                    tracing::info!(?reported, ?missing, "pooled feature statistics written into the initial model");
+                    shared.set_global(Some(Arc::new(new_global)));
+                    lock(&shared.coord).statistics_committed(Instant::now())
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "the sites' statistics could not be pooled; asking again");
+                    lock(&shared.coord).statistics_failed(Instant::now())
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "pooling the statistics failed; asking again");
+                    lock(&shared.coord).statistics_failed(Instant::now())
+                }
+            };
+            shared.apply(actions);
             false
         }
         Action::EvaluationDone { task, reported, missing } => {
             tracing::info!(task = %task.id, ?reported, ?missing, "evaluation closed");
+            let list = |s: &std::collections::BTreeSet<String>| {
+                if s.is_empty() { "none".to_string() } else { s.iter().cloned().collect::<Vec<_>>().join(", ") }
+            };
+            shared.events.push(
+                EventKind::Evaluation,
+                None,
+                format!(
+                    "round {}: evaluation closed; reported: {}; missing: {}",
+                    task.round,
+                    list(&reported),
+                    list(&missing)
+                ),
+            );
             false
         }
         Action::Finish { rounds_completed } => {
             tracing::info!(rounds_completed, "run finished");
+            shared.events.push(EventKind::Run, None, format!("run finished after {rounds_completed} rounds"));
             shared.announce.send_modify(|a| {
                 a.task = None;
                 a.finished = Some(rounds_completed);
@@ -416,6 +541,23 @@ async fn handle_action(shared: &Arc<Shared>, action: Action, strategy: &mut Box<
                                 bytes_in = record.bytes_in,
                                 "round committed"
                             );
+                            shared.metrics.round_committed(record.duration_s, agg_s);
+                            let failed = if record.failures.is_empty() {
+                                String::new()
+                            } else {
+                                let f: Vec<&str> = record.failures.iter().map(|(s, _)| s.as_str()).collect();
+                                format!("; no update from {}", f.join(", "))
+                            };
+                            shared.events.push(
+                                EventKind::Round,
+                                None,
+                                format!(
+                                    "round {} committed: updates from {} in {:.1} s{failed}",
+                                    record.round,
+                                    record.participants.join(", "),
+                                    record.duration_s
+                                ),
+                            );
                             shared.set_global(Some(Arc::new(new_global)));
                             let actions = lock(&shared.coord).round_committed(task.round, Instant::now());
                             shared.apply(actions);
@@ -440,6 +582,12 @@ async fn handle_action(shared: &Arc<Shared>, action: Action, strategy: &mut Box<
 /// old model again and let the coordinator retry the round (or stop the server if the strategy's
 /// state cannot be restored).
 async fn round_not_committed(shared: &Arc<Shared>, strategy: &mut Box<dyn Strategy>, old_global: Arc<GlobalModel>) {
+    shared.metrics.round_retried();
+    shared.events.push(
+        EventKind::Retry,
+        None,
+        "the round could not be committed (the server log says why); it is retried",
+    );
     match reset_strategy(shared).await {
         Some(s) => *strategy = s,
         None => {
@@ -625,6 +773,26 @@ pub fn status_reply(shared: &Shared) -> pb::StatusReply {
         rounds,
         model_fingerprint: shared.global().map(|g| g.fingerprint().to_hex()).unwrap_or_default(),
     }
+}
+
+/// The status view as JSON: what `fedhcc status --json` prints and the dashboard's `/api/status`
+/// serves, so both show the same facts. A mean loss that is not a number (no site reported one)
+/// is `null`.
+pub fn status_json(reply: &pb::StatusReply) -> serde_json::Value {
+    serde_json::json!({
+        "study_id": reply.study_id, "run_id": reply.run_id, "phase": reply.phase,
+        "current_round": reply.current_round, "total_rounds": reply.total_rounds, "attempt": reply.attempt,
+        "model_fingerprint": reply.model_fingerprint,
+        "sites": reply.sites.iter().map(|s| serde_json::json!({
+            "site_id": s.site_id, "connected": s.connected, "last_seen_unix": s.last_seen_unix,
+            "rounds_contributed": s.rounds_contributed, "last_refusal": s.last_refusal,
+            "selected": s.selected})).collect::<Vec<_>>(),
+        "rounds": reply.rounds.iter().map(|r| serde_json::json!({
+            "round": r.round, "participants": r.participants, "total_samples": r.total_samples,
+            "mean_train_loss": if r.mean_train_loss.is_finite() { Some(r.mean_train_loss) } else { None },
+            "duration_s": r.duration_s, "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
+            "checkpoint_sha256": r.checkpoint_sha256})).collect::<Vec<_>>(),
+    })
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! revocation list checked) and hands finished connections to tonic. The revocation list is read
 //! again whenever its file changes, so a revoked site is refused on its next connection.
 
-use fedhcc_core::pki::{ServerTlsFiles, server_config};
+use fedhcc_core::pki::{PkiError, ServerTlsFiles, server_config};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -32,6 +32,20 @@ pub async fn accept_loop(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    accept_loop_with(listener, initial, files, server_config, out, shutdown, tracker).await;
+}
+
+/// [`accept_loop`] for another TLS configuration (the dashboard's): `rebuild` makes it again from
+/// `files` when the revocation list changes.
+pub async fn accept_loop_with(
+    listener: TcpListener,
+    initial: rustls::ServerConfig,
+    files: ServerTlsFiles,
+    rebuild: fn(&ServerTlsFiles) -> Result<rustls::ServerConfig, PkiError>,
+    out: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     let mut acceptor = TlsAcceptor::from(Arc::new(initial));
     let mut crl_stamp = stamp(&files.crl);
     loop {
@@ -51,7 +65,7 @@ pub async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let now = stamp(&files.crl);
         if now != crl_stamp {
-            match server_config(&files) {
+            match rebuild(&files) {
                 Ok(cfg) => {
                     acceptor = TlsAcceptor::from(Arc::new(cfg));
                     crl_stamp = now;

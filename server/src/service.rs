@@ -6,12 +6,14 @@
 //! leaves the round, the model and the database as they were.
 
 use crate::coordinator::{Refusal, SiteResult, TaskKind, parse_task_id};
+use crate::metrics::RefusalReason;
 use crate::state::{Shared, lock};
 use crate::store::EvaluationRecord;
-use fedhcc_core::params::{ParamsError, PayloadReader};
+use fedhcc_core::params::{Layout, ParamsError, PayloadReader};
 use fedhcc_core::pki::{PeerIdentity, Role, peer_identity};
+use fedhcc_core::standardisation::{self, GroupSums, MIN_CELL};
 use fedhcc_proto as pb;
-use fedhcc_proto::{MAX_CHUNK_BYTES, MAX_METRICS, MAX_STRING_LEN};
+use fedhcc_proto::{MAX_CHUNK_BYTES, MAX_METRICS, MAX_STAT_COLUMNS, MAX_STAT_GROUPS, MAX_STRING_LEN};
 use sha2::{Digest, Sha256};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -55,14 +57,19 @@ fn check_str(field: &str, s: &str) -> Result<(), Status> {
 impl FederationService {
     /// The caller's identity from its verified certificate.
     fn identity<T>(&self, req: &Request<T>) -> Result<PeerIdentity, Status> {
-        let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
-        let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
-        let id = peer_identity(leaf).map_err(|e| Status::permission_denied(e.to_string()))?;
+        let bad = |s: Status| {
+            self.shared.refused(None, RefusalReason::BadCertificate, s.message());
+            s
+        };
+        let certs =
+            req.peer_certs().ok_or_else(|| bad(Status::unauthenticated("no client certificate was presented")))?;
+        let leaf = certs.first().ok_or_else(|| bad(Status::unauthenticated("no client certificate was presented")))?;
+        let id = peer_identity(leaf).map_err(|e| bad(Status::permission_denied(e.to_string())))?;
         if id.study != self.shared.study.study_id {
-            return Err(Status::permission_denied(format!(
+            return Err(bad(Status::permission_denied(format!(
                 "certificate is for study '{}', this server runs study '{}'",
                 id.study, self.shared.study.study_id
-            )));
+            ))));
         }
         Ok(id)
     }
@@ -71,11 +78,15 @@ impl FederationService {
     fn site<T>(&self, req: &Request<T>) -> Result<String, Status> {
         let id = self.identity(req)?;
         if id.role != Role::Site {
-            return Err(Status::permission_denied(format!("certificate '{}' is not a site certificate", id.name)));
+            let msg = format!("certificate '{}' is not a site certificate", id.name);
+            self.shared.refused(None, RefusalReason::NotAllowed, &msg);
+            return Err(Status::permission_denied(msg));
         }
         if !self.shared.allowed.contains(&id.name) {
             tracing::warn!(site = %id.name, "refused: site not on the allow-list");
-            return Err(Status::permission_denied(format!("site '{}' is not on this study's allow-list", id.name)));
+            let msg = format!("site '{}' is not on this study's allow-list", id.name);
+            self.shared.refused(Some(&id.name), RefusalReason::NotAllowed, &msg);
+            return Err(Status::permission_denied(msg));
         }
         self.shared.touch(&id.name);
         Ok(id.name)
@@ -103,7 +114,7 @@ impl FederationService {
 
     fn refuse(&self, site: &str, status: Status) -> Status {
         tracing::warn!(site, code = ?status.code(), reason = status.message(), "request refused");
-        self.shared.note_refusal(site, status.message());
+        self.shared.refused(Some(site), RefusalReason::from_code(status.code()), status.message());
         status
     }
 
@@ -144,6 +155,10 @@ impl FederationService {
                 seed: t.seed.wrapping_add(u64::from(task.round)),
                 total_rounds: self.shared.study.federation.rounds,
             }),
+            TaskKind::Statistics => pb::task_event::Event::Statistics(pb::StatisticsTask {
+                task: Some(tref),
+                model_fingerprint: g.fingerprint().to_hex(),
+            }),
             TaskKind::Evaluate => pb::task_event::Event::Evaluate(pb::EvaluateTask {
                 task: Some(tref),
                 model_fingerprint: g.fingerprint().to_hex(),
@@ -163,6 +178,7 @@ impl pb::federation_server::Federation for FederationService {
         let r = req.into_inner();
         check_str("study_id", &r.study_id)?;
         check_str("model_fingerprint", &r.model_fingerprint)?;
+        check_str("client_version", &r.client_version)?;
         if r.study_id != self.shared.study.study_id {
             return Err(self.refuse(
                 &site,
@@ -184,6 +200,7 @@ impl pb::federation_server::Federation for FederationService {
                 )),
             ));
         }
+        self.shared.joined(&site, &r.client_version, r.num_samples);
         let coord = lock(&self.shared.coord);
         tracing::info!(site, "site joined");
         Ok(Response::new(pb::JoinReply {
@@ -342,10 +359,51 @@ impl pb::federation_server::Federation for FederationService {
         Ok(Response::new(pb::Ack { message: format!("evaluation for {} recorded", t.task_id) }))
     }
 
+    async fn report_statistics(&self, req: Request<pb::StatisticsReport>) -> Result<Response<pb::Ack>, Status> {
+        let site = self.site(&req)?;
+        let r = req.into_inner();
+        let t = self.check_task_ref(r.task.as_ref()).map_err(|s| self.refuse(&site, s))?;
+        lock(&self.shared.coord)
+            .check_submission(&site, TaskKind::Statistics, &t.task_id)
+            .map_err(|r| self.refuse(&site, refusal_status(&r)))?;
+        let g = self
+            .shared
+            .global()
+            .ok_or_else(|| self.refuse(&site, Status::unavailable("the server is pooling statistics; try again")))?;
+        let groups = check_statistics(&r.groups, &g.layout).map_err(|s| self.refuse(&site, s))?;
+        // Spooled like an update: the driver pools the files in site order once the task closes.
+        let dir = self.shared.spool_dir.join(&t.task_id);
+        let file = dir.join(format!("{site}.stats"));
+        let bytes = standardisation::encode_sums(&groups);
+        let written = tokio::fs::create_dir_all(&dir).await.and(Ok(()));
+        if let Err(e) =
+            written.and_then(|()| fedhcc_core::pki::write_atomic(&file, &bytes, false).map_err(std::io::Error::other))
+        {
+            tracing::error!(error = %e, file = %file.display(), "statistics could not be spooled");
+            return Err(Status::unavailable("the server could not store the statistics; try again"));
+        }
+        let actions = {
+            let mut coord = lock(&self.shared.coord);
+            let res = SiteResult { samples: 0, metrics: vec![], bytes: bytes.len() as u64 };
+            coord.submission_accepted(&site, TaskKind::Statistics, &t.task_id, res, Instant::now())
+        };
+        let actions = match actions {
+            Ok(a) => a,
+            Err(refusal) => {
+                let _ = tokio::fs::remove_file(&file).await;
+                return Err(self.refuse(&site, refusal_status(&refusal)));
+            }
+        };
+        tracing::info!(site, task = %t.task_id, groups = groups.len(), "feature statistics received");
+        self.shared.apply(actions);
+        Ok(Response::new(pb::Ack { message: format!("statistics for {} recorded", t.task_id) }))
+    }
+
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         let id = self.identity(&req)?;
         if id.role != Role::Admin {
             tracing::warn!(peer = %id.name, "refused: status needs an admin certificate");
+            self.shared.refused(None, RefusalReason::NotAdmin, &format!("status asked for by '{}'", id.name));
             return Err(Status::permission_denied(format!(
                 "'{}' holds a {} certificate; status needs the study lead's admin certificate",
                 id.name,
@@ -358,6 +416,58 @@ impl pb::federation_server::Federation for FederationService {
         }
         Ok(Response::new(crate::status_reply(&self.shared)))
     }
+}
+
+/// A statistics report's groups, checked: exactly the model's groups with their widths, sane
+/// sums, and no cell below [`MIN_CELL`] (it would reveal a patient's value).
+fn check_statistics(groups: &[pb::FeatureSums], layout: &Layout) -> Result<Vec<GroupSums>, Status> {
+    if groups.len() > MAX_STAT_GROUPS {
+        return Err(Status::invalid_argument(format!(
+            "{} statistics groups (at most {MAX_STAT_GROUPS})",
+            groups.len()
+        )));
+    }
+    let expected = standardisation::groups(layout);
+    let mut out = Vec::with_capacity(groups.len());
+    for (want, width) in &expected {
+        let g = groups
+            .iter()
+            .find(|g| &g.group == want)
+            .ok_or_else(|| Status::invalid_argument(format!("the statistics lack the model's group '{want}'")))?;
+        if g.columns.len() != *width || g.columns.len() > MAX_STAT_COLUMNS {
+            return Err(Status::invalid_argument(format!(
+                "statistics group '{want}' has {} columns; the model's has {width}",
+                g.columns.len()
+            )));
+        }
+        for c in &g.columns {
+            check_str("statistics column", c)?;
+        }
+        let sums = GroupSums {
+            group: g.group.clone(),
+            columns: g.columns.clone(),
+            sum: g.sum.clone(),
+            sum_sq: g.sum_sq.clone(),
+            count: g.count.clone(),
+        };
+        sums.check().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(k) = (0..sums.columns.len()).find(|&k| sums.count[k] > 0 && sums.count[k] < MIN_CELL) {
+            return Err(Status::invalid_argument(format!(
+                "statistics group '{want}' column '{}' counts {} values; cells under {MIN_CELL} must be suppressed \
+                 at the site",
+                sums.columns[k], sums.count[k]
+            )));
+        }
+        out.push(sums);
+    }
+    if groups.len() != expected.len() {
+        return Err(Status::invalid_argument(format!(
+            "the statistics hold {} groups; the model has {}",
+            groups.len(),
+            expected.len()
+        )));
+    }
+    Ok(out)
 }
 
 fn check_metrics(ms: &[pb::Metric]) -> Result<Vec<(String, f64)>, Status> {
@@ -542,4 +652,48 @@ fn uuid_like() -> String {
     use std::sync::atomic::AtomicU64;
     static N: AtomicU64 = AtomicU64::new(0);
     format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedhcc_core::params::ParameterSet;
+    use fedhcc_core::standardisation::unset_tensors;
+
+    fn layout() -> Layout {
+        let mut t = vec![("w".to_string(), vec![1], vec![0.0])];
+        t.extend(unset_tensors(&[("clinical", 2)]));
+        ParameterSet::from_tensors(t).unwrap().layout().clone()
+    }
+
+    fn sums(count: [u64; 2]) -> pb::FeatureSums {
+        pb::FeatureSums {
+            group: "clinical".into(),
+            columns: vec!["afp".into(), "alb".into()],
+            sum: vec![10.0, 20.0],
+            sum_sq: vec![30.0, 90.0],
+            count: count.to_vec(),
+        }
+    }
+
+    #[test]
+    fn statistics_reports_are_checked_against_the_model_and_the_smallest_cell() {
+        let l = layout();
+        assert_eq!(check_statistics(&[sums([5, 0])], &l).unwrap()[0].count, vec![5, 0]);
+        let small = check_statistics(&[sums([5, 1])], &l).unwrap_err();
+        assert!(small.message().contains("cells under 5"), "{}", small.message());
+        let mut wide = sums([5, 5]);
+        wide.columns.push("x".into());
+        assert!(check_statistics(&[wide], &l).unwrap_err().message().contains("columns"));
+        let mut other = sums([5, 5]);
+        other.group = "wsi".into();
+        assert!(check_statistics(&[other], &l).unwrap_err().message().contains("lack the model's group 'clinical'"));
+        assert!(check_statistics(&[sums([5, 5]), sums([5, 5])], &l).is_err(), "a duplicate group");
+        let mut nan = sums([5, 5]);
+        nan.sum[0] = f64::NAN;
+        assert!(check_statistics(&[nan], &l).unwrap_err().message().contains("non-finite"));
+        let mut short = sums([5, 5]);
+        short.count.pop();
+        assert!(check_statistics(&[short], &l).is_err());
+    }
 }

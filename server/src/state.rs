@@ -2,7 +2,9 @@
 //! std mutex (never held across `.await`), the current global model, the announcement channel that
 //! wakes every waiting site, and the connection registry.
 
-use crate::coordinator::{Action, Coordinator, Task};
+use crate::coordinator::{Action, Coordinator, Task, TaskKind};
+use crate::events::{EventKind, EventLog};
+use crate::metrics::{Metrics, RefusalReason};
 use crate::store::Store;
 use fedhcc_core::config::StudyConfig;
 use fedhcc_core::params::{Fingerprint, Layout};
@@ -46,6 +48,12 @@ pub struct SiteInfo {
     pub last_seen_unix: i64,
     pub rounds_contributed: u32,
     pub last_refusal: String,
+    /// Requests of this site refused since the server started.
+    pub refusals: u32,
+    /// The protocol version the site's client announced at its last join.
+    pub client_version: String,
+    /// Training samples the site announced at its last join (its data summary).
+    pub samples: u64,
 }
 
 /// Everything the server's tasks share. Each field says who writes it.
@@ -73,6 +81,10 @@ pub struct Shared {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub task_started: Mutex<Option<Instant>>,
+    /// Counters and histograms for `/metrics`; written by handlers and the driver.
+    pub metrics: Metrics,
+    /// Recent events for the dashboard; written by handlers and the driver.
+    pub events: EventLog,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -99,8 +111,21 @@ impl Shared {
             match a {
                 Action::Announce(task) => {
                     tracing::info!(task = %task.id, round = task.round, sites = ?task.selected, "task announced");
-                    self.bytes_in.store(0, Ordering::Relaxed);
-                    self.bytes_out.store(0, Ordering::Relaxed);
+                    self.metrics.task_closed(
+                        self.bytes_in.swap(0, Ordering::Relaxed),
+                        self.bytes_out.swap(0, Ordering::Relaxed),
+                    );
+                    let what = match task.kind {
+                        TaskKind::Statistics => "feature statistics",
+                        TaskKind::Train => "training",
+                        TaskKind::Evaluate => "evaluation",
+                    };
+                    let sites: Vec<&str> = task.selected.iter().map(String::as_str).collect();
+                    self.events.push(
+                        EventKind::Task,
+                        None,
+                        format!("round {}: {what} task {} sent to {}", task.round, task.id, sites.join(", ")),
+                    );
                     *lock(&self.task_started) = Some(Instant::now());
                     self.announce.send_modify(|an| an.task = Some(task));
                 }
@@ -134,6 +159,7 @@ impl Shared {
         };
         if first {
             tracing::info!(site, "site connected");
+            self.events.push(EventKind::Site, Some(site), "connected");
             self.sites_changed();
         }
         ConnectionGuard { shared: Arc::clone(self), site: site.to_string() }
@@ -151,6 +177,25 @@ impl Shared {
         let mut sites = lock(&self.sites);
         let info = sites.entry(site.to_string()).or_default();
         info.last_refusal = why.chars().take(200).collect();
+        info.refusals = info.refusals.saturating_add(1);
+    }
+
+    /// Counts a refused request for `/metrics` and the event log; a site on the allow-list also
+    /// gets it noted for the status view.
+    pub fn refused(&self, site: Option<&str>, reason: RefusalReason, why: &str) {
+        self.metrics.refused(reason);
+        self.events.push(EventKind::Refusal, site, format!("{}: {why}", reason.as_str()));
+        if let Some(s) = site.filter(|s| self.allowed.contains(*s)) {
+            self.note_refusal(s, why);
+        }
+    }
+
+    /// Notes what a site announced when it joined (client version, training samples).
+    pub fn joined(&self, site: &str, client_version: &str, samples: u64) {
+        let mut sites = lock(&self.sites);
+        let info = sites.entry(site.to_string()).or_default();
+        info.client_version = client_version.chars().take(64).collect();
+        info.samples = samples;
     }
 
     pub fn touch(&self, site: &str) {
@@ -175,6 +220,7 @@ impl Drop for ConnectionGuard {
         };
         if last {
             tracing::info!(site = %self.site, "site disconnected");
+            self.shared.events.push(EventKind::Site, Some(&self.site), "disconnected");
             self.shared.sites_changed();
         }
     }

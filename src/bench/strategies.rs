@@ -267,6 +267,7 @@ async fn run_one(
         tls: ServerTlsFiles { ca: c.ca(), cert: c.server(), key: c.server_key(), crl: c.crl() },
         allowed_sites: sites.to_vec(),
         keep_checkpoints: 2,
+        dashboard: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

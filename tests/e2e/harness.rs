@@ -120,6 +120,7 @@ pub fn server_config(dir: &Path, allowed: &[&str]) -> ServerConfig {
         tls: ServerTlsFiles { ca: c.ca(), cert: c.server(), key: c.server_key(), crl: c.crl() },
         allowed_sites: allowed.iter().map(|s| s.to_string()).collect(),
         keep_checkpoints: 3,
+        dashboard: None,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The multimodal models on the real binary: a tiny synthetic cohort with images, `preprocess`,
 //! `train --mode local` (preop) and `--mode central` (postop, two sites pooled), `export` to
-//! safetensors read back bit-exactly, and `demo --model preop` for a federated round over mTLS.
+//! safetensors read back bit-exactly, and `demo --model both` for federated runs of both models
+//! over mTLS with the sites' statistics pooled into the model before round 1.
 
 use crate::harness::{fedhcc, json};
 use fedhcc_core::params::ParameterSet;
@@ -195,30 +196,88 @@ fn preprocess_train_local_and_central_then_export() {
     assert!(!ok && stderr.contains("exactly one"), "{stderr}");
 }
 
+/// The standardisation tensors of a checkpoint, by name.
+fn standardisation(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let p = ParameterSet::decode(&std::fs::read(path).unwrap()).unwrap();
+    p.tensors().filter(|(s, _)| s.name.starts_with("standardise.")).map(|(s, v)| (s.name.clone(), v.to_vec())).collect()
+}
+
 #[test]
-fn demo_trains_the_preop_model_federated() {
+fn demo_trains_both_models_federated_with_pooled_standardisation() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
     let (ok, stdout, stderr) = fedhcc(&[
         "demo",
         "--model",
-        "preop",
+        "both",
         "--scale",
         "tiny",
         "--patients",
-        "32",
+        "40",
         "--rounds",
-        "1",
+        "2",
         "--out",
         out.to_str().unwrap(),
     ]);
     assert!(ok, "{stdout}\n{stderr}");
-    assert!(stdout.contains("rounds committed: 1"), "{stdout}");
-    assert!(stdout.contains("held-out evaluation"), "{stdout}");
-    let checkpoints: Vec<_> = std::fs::read_dir(out.join("server-state-preop/checkpoints"))
+    assert_eq!(stdout.matches("rounds committed: 2").count(), 2, "{stdout}");
+    assert_eq!(stdout.matches("held-out evaluation").count(), 2, "{stdout}");
+    // The postoperative model pools the slide patch features too.
+    let postop = std::fs::read_dir(out.join("server-state-postop/checkpoints"))
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with("round-00001.fhcp"))
-        .collect();
-    assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("round-00002.fhcp"))
+        .expect("the postop model's last checkpoint");
+    let names: Vec<String> = standardisation(&postop).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        ["standardise.clinical.mean", "standardise.clinical.std", "standardise.wsi.mean", "standardise.wsi.std"]
+    );
+    let dir = out.join("server-state-preop/checkpoints");
+    let find = |suffix: &str| -> PathBuf {
+        let found: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(suffix))
+            .collect();
+        assert_eq!(found.len(), 1, "{suffix}: {found:?}");
+        found[0].clone()
+    };
+    let (r1, r2) = (find("round-00001.fhcp"), find("round-00002.fhcp"));
+    // The server pooled the sites' sums before round 1: the statistics are set ...
+    let pooled = standardisation(&r1);
+    assert_eq!(
+        pooled.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["standardise.clinical.mean", "standardise.clinical.std"]
+    );
+    assert!(pooled[1].1.iter().all(|&s| s > 0.0), "pooled standard deviations are set: {pooled:?}");
+    assert!(pooled[0].1.iter().any(|&m| m != 0.0), "pooled means are set: {pooled:?}");
+    // ... never trained (every update's delta is exactly 0 there) ...
+    assert_eq!(standardisation(&r2), pooled);
+    // ... and equal to the pooling `train --mode central` does from the same sites' data.
+    let cfg = out.join("configs-preop");
+    let central = tmp.path().join("central.fhcp");
+    let ids = tmp.path().join("test-ids.txt");
+    let (a, b) = (cfg.join("site-center_a.toml"), cfg.join("site-center_b.toml"));
+    let central_train = |more: &[&str]| {
+        let mut args = vec!["train", "--mode", "central", "--site-config", a.to_str().unwrap()];
+        args.extend(["--site-config", b.to_str().unwrap()]);
+        args.extend(more);
+        fedhcc(&args)
+    };
+    let (ok, so, se) =
+        central_train(&["--rounds", "1", "--out", central.to_str().unwrap(), "--test-ids", ids.to_str().unwrap()]);
+    assert!(ok, "{so}\n{se}");
+    assert_eq!(standardisation(&central), pooled, "federated and central pooling agree bit for bit");
+    let listed = std::fs::read_to_string(&ids).unwrap();
+    assert!(!listed.is_empty() && listed.lines().all(|l| l.starts_with('A') || l.starts_with('B')), "{listed}");
+    // The federated model is evaluated on the same pooled test patients with --rounds 0.
+    let same = tmp.path().join("same.fhcp");
+    let (ok, so, se) =
+        central_train(&["--init", r2.to_str().unwrap(), "--rounds", "0", "--out", same.to_str().unwrap(), "--json"]);
+    assert!(ok, "{so}\n{se}");
+    let v: Value = serde_json::from_str(so.trim()).unwrap();
+    assert_eq!(v["rounds"], 0);
+    assert_eq!(std::fs::read(&same).unwrap(), std::fs::read(&r2).unwrap());
+    assert!(v["test"]["n"].as_u64().unwrap() as usize == listed.lines().count(), "{v}");
 }

@@ -228,7 +228,7 @@ fn the_demo_runs_with_a_chosen_strategy_and_refuses_an_unknown_one() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
     let run = std::process::Command::new(bin)
-        .args(["demo", "--strategy", "fedyogi", "--rounds", "2", "--patients", "200", "--out"])
+        .args(["demo", "--model", "clinical", "--strategy", "fedyogi", "--rounds", "2", "--patients", "200", "--out"])
         .arg(&out)
         .output()
         .unwrap();

@@ -145,6 +145,46 @@ impl FeatureStats {
     }
 }
 
+impl FeatureStats {
+    /// Statistics that leave values as they are (mean 0, standard deviation 1): a design matrix
+    /// built with them holds the transformed but unstandardised values, ready for
+    /// [`standardise_row`] with statistics that arrive later (federated standardisation).
+    pub fn identity(spec: &CohortSpec) -> FeatureStats {
+        let columns: Vec<String> = numeric_features(spec).iter().map(|(_, c, _)| (*c).to_owned()).collect();
+        let n = columns.len();
+        FeatureStats { columns, sum: vec![0.0; n], sum_sq: vec![0.0; n], count: vec![0; n] }
+    }
+}
+
+/// Where the numeric features sit in a design row: `(value column, missing-indicator column)` per
+/// numeric feature, in spec order (the order of [`FeatureStats::columns`]).
+pub fn numeric_positions(spec: &CohortSpec) -> Vec<(usize, usize)> {
+    let mut at = 0;
+    let mut out = Vec::new();
+    for f in &spec.features {
+        match &f.kind {
+            FeatureKind::Numeric { .. } => {
+                out.push((at, at + 1));
+                at += 2;
+            }
+            FeatureKind::Binary => at += 2,
+            FeatureKind::Categorical { levels } => at += levels.len(),
+        }
+    }
+    out
+}
+
+/// Standardises a row that was built with [`FeatureStats::identity`]: each observed numeric
+/// value becomes `(x − mean) / std`; a missing one stays 0, as [`DesignMatrix::build`] encodes it.
+/// `mean` and `std` follow `positions` (from [`numeric_positions`]).
+pub fn standardise_row(positions: &[(usize, usize)], row: &mut [f32], mean: &[f32], std: &[f32]) {
+    for (k, &(value, missing)) in positions.iter().enumerate() {
+        if row[missing] == 0.0 {
+            row[value] = (row[value] - mean[k]) / std[k];
+        }
+    }
+}
+
 /// The number of model inputs a spec gives (see the module docs' layout).
 pub fn design_width(spec: &CohortSpec) -> usize {
     spec.features

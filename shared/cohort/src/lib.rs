@@ -30,7 +30,9 @@ pub mod synth_images;
 
 pub use check::DataCheck;
 pub use cohort::{Cohort, FeatureValue, IssueKind, LoadReport, Patient, RowIssue};
-pub use design::{DesignError, DesignMatrix, FeatureStats, design_columns, design_width};
+pub use design::{
+    DesignError, DesignMatrix, FeatureStats, design_columns, design_width, numeric_positions, standardise_row,
+};
 pub use error::CohortError;
 pub use outcomes::{DeathPolicy, FollowUp, LabelReason, Outcome, OutcomeConfig};
 pub use spec::{CohortSpec, FeatureKind, FeatureSpec, LabelSpec, SurvivalSpec};

@@ -277,6 +277,30 @@ mod lung_fixture {
     }
 
     #[test]
+    fn identity_rows_standardised_later_equal_rows_built_with_the_statistics() {
+        let spec = lung_spec();
+        let cohort = load(Path::new(LUNG), &spec).cohort;
+        let splits = Splits::stratified(&cohort.labels(), 42, 0.15, 0.2).expect("valid fractions");
+        let stats = FeatureStats::local(&cohort, &spec, &splits.train).expect("stats");
+        let built = DesignMatrix::build(&cohort, &spec, &stats, &splits.test).expect("design");
+        let raw = DesignMatrix::build(&cohort, &spec, &FeatureStats::identity(&spec), &splits.test).expect("raw");
+        let positions = fedhcc_cohort::numeric_positions(&spec);
+        assert_eq!(positions.len(), stats.columns.len());
+        let mean: Vec<f32> = stats.mean().iter().map(|&m| m as f32).collect();
+        let std: Vec<f32> = stats.std().iter().map(|&s| s as f32).collect();
+        let mut changed = 0;
+        for i in 0..raw.n {
+            let mut row = raw.row(i).to_vec();
+            fedhcc_cohort::standardise_row(&positions, &mut row, &mean, &std);
+            for (c, (a, b)) in row.iter().zip(built.row(i)).enumerate() {
+                assert!((a - b).abs() < 1e-4, "row {i} column {}: {a} vs {b}", built.columns[c]);
+            }
+            changed += usize::from(row != raw.row(i));
+        }
+        assert!(changed > 0, "standardising must change observed values");
+    }
+
+    #[test]
     fn merged_stats_of_two_halves_equal_stats_of_the_whole() {
         let spec = lung_spec();
         let cohort = load(Path::new(LUNG), &spec).cohort;

@@ -222,10 +222,43 @@ pub struct ServerConfig {
     /// Checkpoints kept on disk (the newest; at least 1).
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
+    /// The study lead's web dashboard and Prometheus metrics (`[dashboard]`); off when the table is
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dashboard: Option<DashboardConfig>,
 }
 
 fn default_keep() -> usize {
     3
+}
+
+/// `[dashboard]` of the server configuration: a web page and `/metrics` over HTTPS with the
+/// server's own certificate, on a port of its own.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// Address to listen on; loopback unless configured otherwise (reach it through an SSH tunnel).
+    #[serde(default = "default_dashboard_listen")]
+    pub listen: String,
+    /// File holding the access token (one line). Created with a fresh random token, readable by the
+    /// owner only, when it does not exist. Default: `dashboard.token` in the server's `state_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Serve `/metrics` without the token (for a Prometheus scraper on the same host); the page and
+    /// its JSON always need the token or the admin certificate.
+    #[serde(default)]
+    pub metrics_public: bool,
+}
+
+fn default_dashboard_listen() -> String {
+    "127.0.0.1:8443".into()
+}
+
+impl DashboardConfig {
+    /// The token file, with the default filled in.
+    pub fn token_path(&self, state_dir: &Path) -> PathBuf {
+        self.token_file.clone().unwrap_or_else(|| state_dir.join("dashboard.token"))
+    }
 }
 
 /// Reads a server configuration and the study it names.
@@ -248,6 +281,17 @@ pub fn load_server(path: &Path) -> Result<(ServerConfig, StudyConfig), ConfigErr
     }
     if cfg.keep_checkpoints == 0 {
         return Err(ConfigError::new(path, "keep_checkpoints must be at least 1"));
+    }
+    if let Some(d) = &mut cfg.dashboard {
+        if let Some(t) = &mut d.token_file {
+            resolve(&base, t);
+        }
+        if d.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::new(
+                path,
+                format!("dashboard.listen = '{}': give an IP address and port, e.g. 127.0.0.1:8443", d.listen),
+            ));
+        }
     }
     let study = load_study(&cfg.study)?;
     Ok((cfg, study))
@@ -366,6 +410,27 @@ mod tests {
         .unwrap();
         let e = load_study(&p).unwrap_err().to_string();
         assert!(e.contains("trim_fractio"), "{e}");
+    }
+
+    #[test]
+    fn the_dashboard_table_is_optional_and_its_paths_and_address_are_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("study.toml"), "study_id = \"s\"\n[federation]\nrounds = 3\n").unwrap();
+        let p = tmp.path().join("server.toml");
+        let base = "study = \"study.toml\"\nlisten = \"127.0.0.1:1\"\nstate_dir = \"state\"\nallowed_sites = [\"a\"]\n\
+                    [tls]\nca = \"ca.pem\"\ncert = \"s.pem\"\nkey = \"s.key.pem\"\ncrl = \"crl.pem\"\n";
+        std::fs::write(&p, base).unwrap();
+        assert_eq!(load_server(&p).unwrap().0.dashboard, None, "off without the table");
+        std::fs::write(&p, format!("{base}[dashboard]\n")).unwrap();
+        let d = load_server(&p).unwrap().0.dashboard.unwrap();
+        assert_eq!((d.listen.as_str(), d.metrics_public), ("127.0.0.1:8443", false));
+        assert_eq!(d.token_path(&tmp.path().join("state")), tmp.path().join("state/dashboard.token"));
+        std::fs::write(&p, format!("{base}[dashboard]\ntoken_file = \"t/tok\"\nmetrics_public = true\n")).unwrap();
+        let d = load_server(&p).unwrap().0.dashboard.unwrap();
+        assert_eq!(d.token_path(Path::new("x")), tmp.path().join("t/tok"));
+        std::fs::write(&p, format!("{base}[dashboard]\nlisten = \"localhost\"\n")).unwrap();
+        let e = load_server(&p).unwrap_err().to_string();
+        assert!(e.contains("server.toml") && e.contains("dashboard.listen"), "{e}");
     }
 
     #[test]

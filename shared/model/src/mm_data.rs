@@ -151,6 +151,12 @@ impl MultimodalDataset {
         &self.samples
     }
 
+    /// The samples, mutable (a site re-standardises its inputs in place when the study's pooled
+    /// statistics arrive).
+    pub fn samples_mut(&mut self) -> &mut [MultimodalSample] {
+        &mut self.samples
+    }
+
     /// Gives the patients back.
     pub fn into_samples(self) -> Vec<MultimodalSample> {
         self.samples

@@ -18,6 +18,10 @@ pub const MAX_MESSAGE_BYTES: usize = MAX_CHUNK_BYTES + 64 * 1024;
 pub const MAX_STRING_LEN: usize = 256;
 /// Most metrics in one report.
 pub const MAX_METRICS: usize = 64;
+/// Most input groups in one statistics report.
+pub const MAX_STAT_GROUPS: usize = 8;
+/// Most columns in one statistics group.
+pub const MAX_STAT_COLUMNS: usize = 4096;
 /// Protocol version announced in Join.
 pub const PROTOCOL_VERSION: &str = concat!("fedhcc/", env!("CARGO_PKG_VERSION"), "/v1");
 
