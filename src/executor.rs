@@ -241,7 +241,7 @@ impl Executor for ClinicalExecutor {
             ctl.report_progress(epoch as u64, epochs as u64);
             tracing::info!(
                 round = spec.round,
-                epoch = epoch + 1,
+                epoch,
                 epochs,
                 loss = format!("{loss:.4}"),
                 "local training"

@@ -285,11 +285,14 @@ impl MultimodalExecutor {
         global: &ParameterSet,
         tp: &TrainParams,
         round: u32,
-        cancel: &dyn Fn() -> bool,
+        ctl: &TaskControl,
     ) -> Result<(MultimodalTrainOutcome, Vec<(String, f64)>), fedhcc_model::ModelError> {
         let (mut sum, mut count) = (0.0, 0usize);
         let started = std::time::Instant::now();
+        let cancel = || ctl.is_cancelled();
         let mut progress = |p: &fedhcc_model::BatchProgress| {
+            // Batches done, for the client's status.json (and `fedhcc client status`).
+            ctl.report_progress(((p.epoch - 1) * p.batches + p.batch) as u64, (p.epochs * p.batches) as u64);
             if let Some(l) = p.loss {
                 sum += l;
                 count += 1;
@@ -315,7 +318,7 @@ impl MultimodalExecutor {
             val,
             tp,
             self.backend,
-            cancel,
+            &cancel,
             &mut progress,
         )?;
         let mut metrics = vec![
@@ -393,9 +396,8 @@ impl Executor for MultimodalExecutor {
         ctl: &TaskControl,
     ) -> Result<TrainResult, ExecutorError> {
         let model = self.prepare(global)?;
-        let cancel = || ctl.is_cancelled();
         let (out, metrics) = self
-            .train_from(&model, &train_params(spec), spec.round, &cancel)
+            .train_from(&model, &train_params(spec), spec.round, ctl)
             .map_err(|e| ExecutorError(e.to_string()))?;
         let params = crate::standardise::with_frozen(out.params, global)?;
         Ok(TrainResult { params, num_samples: out.samples as u64, metrics })
