@@ -239,13 +239,7 @@ impl Executor for ClinicalExecutor {
         let cancel = || ctl.is_cancelled();
         let mut progress = |epoch: usize, epochs: usize, loss: f64| {
             ctl.report_progress(epoch as u64, epochs as u64);
-            tracing::info!(
-                round = spec.round,
-                epoch,
-                epochs,
-                loss = format!("{loss:.4}"),
-                "local training"
-            );
+            tracing::info!(round = spec.round, epoch, epochs, loss = format!("{loss:.4}"), "local training");
         };
         let out = fedhcc_model::train_local(
             &self.cfg,

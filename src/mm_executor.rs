@@ -396,9 +396,8 @@ impl Executor for MultimodalExecutor {
         ctl: &TaskControl,
     ) -> Result<TrainResult, ExecutorError> {
         let model = self.prepare(global)?;
-        let (out, metrics) = self
-            .train_from(&model, &train_params(spec), spec.round, ctl)
-            .map_err(|e| ExecutorError(e.to_string()))?;
+        let (out, metrics) =
+            self.train_from(&model, &train_params(spec), spec.round, ctl).map_err(|e| ExecutorError(e.to_string()))?;
         let params = crate::standardise::with_frozen(out.params, global)?;
         Ok(TrainResult { params, num_samples: out.samples as u64, metrics })
     }
