@@ -105,7 +105,14 @@ pub fn server(config: &Path) -> Result<()> {
             token,
         )
         .await?;
-        if out.finished {
+        if out.aborted {
+            println!(
+                "Run aborted by the study lead after {} committed rounds. Final model: {} (SHA-256 {})",
+                out.rounds_completed,
+                out.final_checkpoint.display(),
+                out.final_sha256
+            );
+        } else if out.finished {
             println!(
                 "Run finished: {} rounds. Final model: {} (SHA-256 {})",
                 out.rounds_completed,
@@ -124,7 +131,9 @@ pub fn server(config: &Path) -> Result<()> {
 
 pub fn client(config: &Path) -> Result<()> {
     let (site, study) = load_site(config)?;
-    let model = StudyModel::from_study(&study)?;
+    let mut model = StudyModel::from_study(&study)?;
+    // Evaluation summaries describe no group smaller than the site's policy allows.
+    model.evaluation.min_cell = fedhcc_client::site_policy::min_cell(&site.policy);
     let backend = match &site.backend {
         Some(b) => b.parse().map_err(|e| anyhow::anyhow!("{}: backend: {e}", config.display()))?,
         None => fedhcc_model::BackendKind::default(),
@@ -161,6 +170,7 @@ pub fn client(config: &Path) -> Result<()> {
         max_backoff: std::time::Duration::from_secs(30),
         give_up_after: None,
         state_dir: Some(site.state_dir.clone()),
+        policy: site.policy.clone(),
     };
     let rt = runtime()?;
     rt.block_on(async move {
@@ -212,6 +222,15 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
             s.last_refusal
         );
     }
+    let declined: Vec<_> = reply.sites.iter().filter(|s| !s.policy_refusal.is_empty()).collect();
+    if !declined.is_empty() {
+        println!("\nTasks declined by a site's own policy (last per site):");
+        for s in declined {
+            println!("  {:<20} {}", s.site_id, s.policy_refusal);
+        }
+    }
+    crate::admin_cmd::print_admin_view(reply.admin.as_ref());
+    print_privacy(reply.privacy.as_ref());
     println!("\n{:>5}  {:<28} {:>8} {:>10} {:>8}", "round", "participants", "samples", "mean loss", "seconds");
     for r in &reply.rounds {
         println!(
@@ -224,6 +243,33 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The status's secure aggregation and DP lines (nothing when the server sent none).
+fn print_privacy(p: Option<&fedhcc_proto::PrivacyStatus>) {
+    let Some(p) = p else { return };
+    if p.secure_aggregation {
+        println!("\nSecure aggregation: on (the server sees only the sum of the sites' masked updates)");
+        if !p.roster.is_empty() {
+            println!("  roster of the task now running: {}", p.roster.join(", "));
+        }
+        if p.aborted_attempts > 0 {
+            println!("  attempts aborted and restarted: {}; last: {}", p.aborted_attempts, p.last_abort);
+        }
+    } else {
+        println!("\nSecure aggregation: off (updates travel in the clear over mutual TLS)");
+    }
+    if p.dp {
+        let budget = if p.epsilon_budget > 0.0 {
+            format!(" of a budget of {} (training stops after round {})", p.epsilon_budget, p.rounds_allowed)
+        } else {
+            String::new()
+        };
+        println!(
+            "Differential privacy: ε = {:.3} (δ = {}){budget}; noise multiplier {}, L2 clip {}",
+            p.epsilon, p.delta, p.noise_multiplier, p.l2_clip
+        );
+    }
 }
 
 /// `fedhcc client status`: what the site's client is doing, from its `status.json`.
@@ -259,12 +305,15 @@ pub struct SynthArgs {
     /// Worker threads for the images (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Write clinical.csv only, no images (for the clinical model; seconds instead of minutes).
+    #[arg(long)]
+    pub clinical_only: bool,
 }
 
 pub fn synth(args: &SynthArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let sites =
-        write_synthetic_site_data(&args.out, args.centers, args.patients, args.seed, Some(args.scale), args.threads)?;
+    let scale = (!args.clinical_only).then_some(args.scale);
+    let sites = write_synthetic_site_data(&args.out, args.centers, args.patients, args.seed, scale, args.threads)?;
     let mut bytes = 0;
     for s in &sites {
         println!(
@@ -425,31 +474,87 @@ pub fn preprocess(args: &PreprocessArgs) -> Result<()> {
 struct FullCheck<'a> {
     #[serde(flatten)]
     clinical: &'a fedhcc_cohort::DataCheck,
-    imaging: Option<crate::imaging_check::ImagingCheck>,
+    imaging: Option<&'a crate::imaging_check::ImagingCheck>,
 }
 
-pub fn data_check(site_config: &Path, json: bool) -> Result<()> {
+/// A site's data check: the clinical table and, when the site has image folders, the images.
+pub struct SiteDataCheck {
+    /// The site's id.
+    pub site_id: String,
+    /// The clinical table checked.
+    pub csv: PathBuf,
+    /// Counts, exclusions, label flow.
+    pub clinical: fedhcc_cohort::DataCheck,
+    /// The image check (`None`: no mri/ or wsi/ folder).
+    pub imaging: Option<crate::imaging_check::ImagingCheck>,
+}
+
+impl SiteDataCheck {
+    /// What `data check --json` prints.
+    ///
+    /// # Errors
+    /// Encoding failure.
+    pub fn to_json(&self) -> Result<String> {
+        Ok(serde_json::to_string_pretty(&FullCheck { clinical: &self.clinical, imaging: self.imaging.as_ref() })?)
+    }
+}
+
+/// Image checks already made, reused when the same patients of the same data folder are checked again
+/// under the same `[imaging]` settings (the demo checks each site once per model).
+#[derive(Default)]
+pub struct ImagingChecks(Vec<(ImagingInputs, crate::imaging_check::ImagingCheck)>);
+
+/// What an image check depends on: the data folder, the patients, the study's `[imaging]` table.
+type ImagingInputs = (PathBuf, Vec<String>, toml::Table);
+
+/// Runs a site's data check (what `fedhcc data check` prints).
+///
+/// # Errors
+/// Invalid configuration, or an unreadable clinical table.
+pub fn run_data_check(site_config: &Path) -> Result<SiteDataCheck> {
+    run_data_check_cached(site_config, &mut ImagingChecks::default())
+}
+
+/// [`run_data_check`], reusing an image check of `cache` made on the same inputs.
+///
+/// # Errors
+/// As [`run_data_check`].
+pub fn run_data_check_cached(site_config: &Path, cache: &mut ImagingChecks) -> Result<SiteDataCheck> {
     let (site, study) = load_site(site_config)?;
     let model = StudyModel::from_study(&study)?;
     let csv = site.data_dir.join("clinical.csv");
     let report = fedhcc_cohort::Cohort::load(&csv, &model.spec, &model.cohort.outcomes)?;
-    let check = fedhcc_cohort::DataCheck::run(&report, &model.spec);
+    let clinical = fedhcc_cohort::DataCheck::run(&report, &model.spec);
     let has_images = site.data_dir.join("mri").is_dir() || site.data_dir.join("wsi").is_dir();
     let imaging = if has_images {
         let cfg = crate::preprocess::ImagingSection::from_study(&study)?;
         let ids: Vec<String> = report.cohort.patients.iter().map(|p| p.id.clone()).collect();
-        Some(crate::imaging_check::ImagingCheck::run(&site.data_dir, &ids, &cfg, default_threads()))
+        let key = (site.data_dir.clone(), ids, study.imaging.clone());
+        match cache.0.iter().find(|(k, _)| *k == key) {
+            Some((_, check)) => Some(check.clone()),
+            None => {
+                let check = crate::imaging_check::ImagingCheck::run(&site.data_dir, &key.1, &cfg, default_threads());
+                cache.0.push((key, check.clone()));
+                Some(check)
+            }
+        }
     } else {
         None
     };
+    Ok(SiteDataCheck { site_id: site.site_id, csv, clinical, imaging })
+}
+
+pub fn data_check(site_config: &Path, json: bool) -> Result<()> {
+    let checked = run_data_check(site_config)?;
+    let SiteDataCheck { site_id, csv, clinical: check, imaging } = &checked;
     if json {
-        println!("{}", serde_json::to_string_pretty(&FullCheck { clinical: &check, imaging })?);
+        println!("{}", checked.to_json()?);
     } else {
-        println!("Data check for site {} ({})\n", site.site_id, csv.display());
+        println!("Data check for site {site_id} ({})\n", csv.display());
         print!("{}", check.to_text());
-        match &imaging {
+        match imaging {
             Some(i) => print!("{}", i.to_text()),
-            None => println!("Imaging: no mri/ or wsi/ folder in {}", site.data_dir.display()),
+            None => println!("Imaging: no mri/ or wsi/ folder in {}", csv.parent().unwrap_or(csv).display()),
         }
     }
     Ok(())

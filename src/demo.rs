@@ -145,6 +145,32 @@ pub fn strategy_lines(strategy: StrategyKind) -> (String, String) {
     (federation, training)
 }
 
+/// The demo's protection of the updates (on by default: secure aggregation).
+#[derive(Clone, Copy, Debug)]
+pub struct DemoPrivacy {
+    /// The server sees only the sum of the sites' masked updates.
+    pub secure_aggregation: bool,
+    /// Differential privacy (needs secure aggregation).
+    pub dp: bool,
+}
+
+/// The `[federation]` lines (and tables) that turn on secure aggregation and, if asked, DP with the
+/// demo's settings; nothing for the strategies that need each update in the clear (said on stdout).
+pub fn privacy_lines(privacy: DemoPrivacy, strategy: StrategyKind) -> String {
+    if !privacy.secure_aggregation {
+        return String::new();
+    }
+    if strategy.needs_individual_updates() {
+        println!("      note: {strategy} needs each site's update in the clear; secure aggregation is off for it");
+        return String::new();
+    }
+    let mut lines = "secure_aggregation = true\n".to_string();
+    if privacy.dp {
+        lines.push_str("\n[federation.dp]\nnoise_multiplier = 1.0\nl2_clip = 0.05\ndelta = 1e-5\n");
+    }
+    lines
+}
+
 /// Which models the demo trains.
 fn demo_models(model: &str) -> Result<Vec<&'static str>> {
     Ok(match model {
@@ -177,6 +203,7 @@ fn multimodal_study_tables(kind: &str, scale: Scale) -> (String, String) {
 
 /// `fedhcc demo`: certificates, the synthetic cohort (with images for the multimodal models),
 /// preprocessing at each site, then one federated run per model.
+#[allow(clippy::too_many_arguments)]
 pub fn run_model(
     out: &Path,
     rounds: u32,
@@ -185,6 +212,7 @@ pub fn run_model(
     strategy: StrategyKind,
     model: &str,
     scale: Scale,
+    privacy: DemoPrivacy,
 ) -> Result<()> {
     let models = demo_models(model)?;
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
@@ -209,6 +237,8 @@ pub fn run_model(
     fedhcc_core::pki::init(&out.join("certs"), "hcc-demo", "localhost", &sites, Some("lead"), 30)?;
 
     let (federation, training) = strategy_lines(strategy);
+    // The privacy lines go last: `[federation.dp]` opens a table of its own.
+    let federation = federation + &privacy_lines(privacy, strategy);
     if !multimodal {
         println!("{} Synthetic cohort: {patients} patients over {} centers", next(), sites.len());
         let written = crate::commands::write_synthetic_cohort(&out.join("data"), sites.len(), patients, seed)?;
@@ -226,6 +256,7 @@ pub fn run_model(
             &training,
         )?;
         federate(out, &cfg, "server-state", "run-1", port, rounds, &sites, strategy, &mut next)?;
+        write_report(out, &cfg, "server-state", "run-1", "clinical", &sites, &mut Default::default())?;
         print_outputs(out, t0);
         return Ok(());
     }
@@ -242,6 +273,8 @@ pub fn run_model(
             w.images.bytes as f64 / 1e6
         );
     }
+    // The image check of a site is made once and reused for the second model's report.
+    let mut checks_made = crate::commands::ImagingChecks::default();
     for kind in &models {
         let (model_tables, training_table) = multimodal_study_tables(kind, scale);
         let preset = if *kind == "preop" { "hcc_preoperative" } else { "hcc_postoperative" };
@@ -295,8 +328,49 @@ pub fn run_model(
             strategy,
             &mut next,
         )?;
+        let (state, run) = (format!("server-state-{kind}"), format!("run-{kind}"));
+        write_report(out, &cfg, &state, &run, kind, &sites, &mut checks_made)?;
     }
     print_outputs(out, t0);
+    Ok(())
+}
+
+/// The study report of one model's run, as the study lead would make it: each site's data check
+/// (counts only; in a real study each hospital runs it and sends the JSON) into
+/// `out/data-check-<model>/<site>.json`, then `fedhcc report` into `out/report-<model>/`.
+fn write_report(
+    out: &Path,
+    cfg: &Path,
+    server_state: &str,
+    run_id: &str,
+    model: &str,
+    sites: &[String],
+    checks_made: &mut crate::commands::ImagingChecks,
+) -> Result<()> {
+    let checks = out.join(format!("data-check-{model}"));
+    std::fs::create_dir_all(&checks).with_context(|| format!("creating {}", checks.display()))?;
+    let mut data_check = Vec::new();
+    for s in sites {
+        let check = crate::commands::run_data_check_cached(&cfg.join(format!("site-{s}.toml")), checks_made)?;
+        let path = checks.join(format!("{s}.json"));
+        std::fs::write(&path, check.to_json()?).with_context(|| format!("writing {}", path.display()))?;
+        data_check.push(format!("{s}={}", path.display()));
+    }
+    let args = crate::report::ReportArgs {
+        server_state: out.join(server_state),
+        run: Some(run_id.to_owned()),
+        study: Some(cfg.join("study.toml")),
+        data_check,
+        cross_center: None,
+        out: out.join(format!("report-{model}")),
+    };
+    let report = crate::report::write_report(&args)?;
+    let pooled = report.evaluation.as_ref().and_then(|e| e.pooled.as_ref()).and_then(|p| p.auc);
+    if let Some(a) = pooled {
+        let ci = a.ci_low.zip(a.ci_high).map(|(l, h)| format!(" (95% CI {l:.3}–{h:.3})")).unwrap_or_default();
+        println!("      pooled AUC {:.3}{ci}", a.estimate);
+    }
+    println!("      study report: {}", args.out.join("report.html").display());
     Ok(())
 }
 
@@ -384,6 +458,8 @@ fn federate(
     let rs = store.rounds()?;
     let evals = store.evaluations()?;
     println!("      rounds committed: {}", rs.len());
+    let study = fedhcc_core::config::load_study(&cfg.join("study.toml"))?;
+    println!("      {}", privacy_summary(&study, &rs));
     if let Some(last) = rs.last() {
         println!("      final model: {}\n      SHA-256 {}", last.checkpoint, last.checkpoint_sha256);
     }
@@ -404,6 +480,34 @@ fn federate(
     Ok(())
 }
 
+/// One line on how the updates were protected: secure aggregation on or off, and ε under DP.
+pub fn privacy_summary(
+    study: &fedhcc_core::config::StudyConfig,
+    rounds: &[fedhcc_server::store::RoundRecord],
+) -> String {
+    let f = &study.federation;
+    let mut line = if f.secure_aggregation {
+        let secure = rounds.iter().filter(|r| r.secure_aggregation).count();
+        format!(
+            "secure aggregation: on ({secure} of {} rounds; the server saw only the sum of the sites' masked updates)",
+            rounds.len()
+        )
+    } else {
+        "secure aggregation: off (updates sent in the clear over mutual TLS)".to_string()
+    };
+    if let Some(dp) = &f.dp {
+        let eps = rounds.last().and_then(|r| r.epsilon).map(|e| format!("{e:.2}")).unwrap_or_else(|| "0".into());
+        line.push_str(&format!(
+            "\n      differential privacy: ε = {eps} (δ = {}) after {} rounds; noise multiplier {}, L2 clip {}",
+            dp.delta,
+            rounds.len(),
+            dp.noise_multiplier,
+            dp.l2_clip
+        ));
+    }
+    line
+}
+
 fn print_outputs(out: &Path, t0: Instant) {
     println!("\nDone in {:.1} s. Outputs in {}:", t0.elapsed().as_secs_f64(), out.display());
     println!("  certs/          study CA and certificates (private keys are owner-only)");
@@ -411,5 +515,9 @@ fn print_outputs(out: &Path, t0: Instant) {
     println!("  configs*/       study, server, site and admin configurations (one folder per model)");
     println!("  server-state*/  server.db (round records), checkpoints/ (`fedhcc export` converts them)");
     println!("  site-state/     each client's status.json and preprocessed images");
+    println!("  data-check-*/   each site's data check (counts only), for the report's participant flow");
+    println!(
+        "  report-*/       the study report per model: report.html (open it in a browser), report.json, CSV tables"
+    );
     println!("  logs/           server and client logs");
 }

@@ -12,6 +12,7 @@ use fedhcc_core::config::StudyConfig;
 use fedhcc_core::params::{Fingerprint, ParameterSet};
 use fedhcc_core::standardisation::GroupSums;
 use fedhcc_model::{BackendKind, ClinicalModelConfig, Dataset, TrainParams};
+use fedhcc_stats::federated::{EvaluationSettings, SitePredictions};
 use std::path::Path;
 
 /// A site's labelled rows, encoded for the model.
@@ -42,6 +43,44 @@ impl Rows {
 
     fn dataset(&self, d: usize) -> Dataset<'_> {
         Dataset { x: &self.x, n: self.n, d, y: &self.y }
+    }
+}
+
+/// Every patient of a split with a label or a survival outcome, encoded: what an evaluation scores.
+/// Patient-level: never sent anywhere.
+#[derive(Clone, Default)]
+struct Scored {
+    x: Vec<f32>,
+    n: usize,
+    label: Vec<Option<bool>>,
+    rfs: Vec<Option<(f64, bool)>>,
+    os: Vec<Option<(f64, bool)>>,
+}
+
+impl Scored {
+    fn from_matrix(m: &DesignMatrix, cohort: &Cohort) -> Self {
+        let mut s = Self::default();
+        for i in 0..m.n {
+            let label = m.labels[i].map(|l| l > 0.5);
+            let (rfs, os) = (m.survival[i], cohort.patients[m.patient_rows[i]].os);
+            if label.is_none() && rfs.is_none() && os.is_none() {
+                continue;
+            }
+            s.x.extend_from_slice(m.row(i));
+            s.label.push(label);
+            s.rfs.push(rfs);
+            s.os.push(os);
+            s.n += 1;
+        }
+        s
+    }
+
+    fn append(&mut self, other: Scored) {
+        self.x.extend(other.x);
+        self.n += other.n;
+        self.label.extend(other.label);
+        self.rfs.extend(other.rfs);
+        self.os.extend(other.os);
     }
 }
 
@@ -111,6 +150,12 @@ pub struct ClinicalExecutor {
     positions: Vec<(usize, usize)>,
     /// The `(mean, std)` the standardised copies were made with.
     applied: Option<(Vec<f32>, Vec<f32>)>,
+    /// Every patient to score per split (train, val, test): unstandardised, and the copies the model
+    /// reads.
+    scored_raw: [Scored; 3],
+    scored: [Scored; 3],
+    /// How an evaluation is summarised.
+    evaluation: EvaluationSettings,
 }
 
 impl ClinicalExecutor {
@@ -133,6 +178,7 @@ impl ClinicalExecutor {
         let fingerprint = study.initial_params(0)?.fingerprint();
         tracing::info!(train = raw[0].n, val = raw[1].n, test = raw[2].n, "site cohort ready");
         let local = crate::standardise::clinical_sums(&site.stats);
+        let scored_raw = [&site.train, &site.val, &site.test].map(|m| Scored::from_matrix(m, &site.cohort));
         let mut exec = Self {
             cfg,
             fingerprint,
@@ -144,6 +190,9 @@ impl ClinicalExecutor {
             local,
             positions: site.positions,
             applied: None,
+            scored: scored_raw.clone(),
+            scored_raw,
+            evaluation: study.evaluation.clone(),
         };
         let own = exec.local.mean_std();
         exec.apply(own);
@@ -155,6 +204,43 @@ impl ClinicalExecutor {
         self.raw[2].ids.clone()
     }
 
+    /// Every patient of `split` (`train`, `val`, `test`, or `all` of them in that order) with a label
+    /// or a survival outcome, scored by `global` (standardised with the statistics it carries, else
+    /// this site's own). Patient-level: for this site only (`fedhcc validate`).
+    ///
+    /// # Errors
+    /// An unknown split, or a model the site's inputs do not fit.
+    pub fn predictions(&mut self, global: &ParameterSet, split: &str) -> Result<SitePredictions, ExecutorError> {
+        let model = self.prepare(global)?;
+        if split == "all" {
+            let mut all = SitePredictions::default();
+            for k in 0..3 {
+                all.extend(self.score(&model, k)?);
+            }
+            return Ok(all);
+        }
+        self.score(&model, crate::site_evaluation::split_index(split)?)
+    }
+
+    /// Split `k`'s patients scored by `model` (a trainable part, inputs prepared).
+    fn score(&self, model: &ParameterSet, k: usize) -> Result<SitePredictions, ExecutorError> {
+        let s = &self.scored[k];
+        let mut out = SitePredictions {
+            score: Vec::with_capacity(s.n),
+            label: s.label.clone(),
+            rfs: s.rfs.clone(),
+            os: s.os.clone(),
+        };
+        if s.n > 0 {
+            let y = vec![0.0; s.n];
+            let data = Dataset { x: &s.x, n: s.n, d: self.cfg.inputs, y: &y };
+            let ev = fedhcc_model::evaluate(&self.cfg, model, &data, self.backend)
+                .map_err(|e| ExecutorError(e.to_string()))?;
+            out.score.extend(ev.scores.iter().map(|&p| f64::from(p)));
+        }
+        Ok(out)
+    }
+
     /// Standardises the rows with `stats` unless they already are.
     fn apply(&mut self, stats: (Vec<f32>, Vec<f32>)) {
         if self.applied.as_ref() == Some(&stats) {
@@ -163,6 +249,12 @@ impl ClinicalExecutor {
         let (mean, std) = &stats;
         let d = self.cfg.inputs;
         for (raw, out) in self.raw.iter().zip([&mut self.train, &mut self.val, &mut self.test]) {
+            out.x.clone_from(&raw.x);
+            for row in out.x.chunks_exact_mut(d.max(1)) {
+                fedhcc_cohort::standardise_row(&self.positions, row, mean, std);
+            }
+        }
+        for (raw, out) in self.scored_raw.iter().zip(&mut self.scored) {
             out.x.clone_from(&raw.x);
             for row in out.x.chunks_exact_mut(d.max(1)) {
                 fedhcc_cohort::standardise_row(&self.positions, row, mean, std);
@@ -196,10 +288,14 @@ impl ClinicalExecutor {
                 into.n += from.n;
                 into.ids.extend(from.ids);
             }
+            for (into, from) in all.scored_raw.iter_mut().zip(p.scored_raw) {
+                into.append(from);
+            }
             sums.push(p.local);
         }
         all.local = GroupSums::merge(&sums.iter().collect::<Vec<_>>()).map_err(|e| anyhow::anyhow!("{e}"))?;
         all.applied = None;
+        all.scored = all.scored_raw.clone();
         let pooled = all.local.mean_std();
         all.apply(pooled);
         Ok(all)
@@ -291,7 +387,12 @@ impl Executor for ClinicalExecutor {
         if let Some(auc) = fedhcc_model::auc(&ev.scores, &rows.y) {
             metrics.push(("auc".into(), auc));
         }
-        Ok(EvalResult { num_samples: ev.n as u64, metrics })
+        // The summary: every patient of the split, the cut-off from the training split.
+        let k = crate::site_evaluation::split_index(split)?;
+        let test = self.score(&model, k)?;
+        let train = if self.evaluation.cutoff.is_none() { Some(self.score(&model, 0)?) } else { None };
+        let summary = crate::site_evaluation::summarise(&test, train.as_ref(), &self.evaluation);
+        Ok(EvalResult { num_samples: ev.n as u64, metrics, summary })
     }
 }
 
@@ -369,6 +470,6 @@ impl Executor for NoiseExecutor {
         _split: &str,
         _ctl: &TaskControl,
     ) -> Result<EvalResult, ExecutorError> {
-        Ok(EvalResult { num_samples: self.samples, metrics: vec![] })
+        Ok(EvalResult { num_samples: self.samples, metrics: vec![], summary: None })
     }
 }

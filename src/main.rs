@@ -1,6 +1,7 @@
 //! `fedhcc`: the one binary. Thin: parses the command line, sets up logging, dispatches to the
 //! libraries (`fedhcc-server`, `fedhcc-client`, `fedhcc-core`, …) through the modules below.
 
+mod admin_cmd;
 mod audit_cmd;
 mod bench;
 mod commands;
@@ -11,10 +12,13 @@ mod imaging_check;
 mod mm_executor;
 mod preprocess;
 mod progress;
+mod report;
+mod site_evaluation;
 mod standardise;
 mod stats_cmd;
 mod study;
 mod train;
+mod validate;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -65,6 +69,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The study lead's commands to a running server (needs the admin certificate): start, pause,
+    /// resume or abort the run, add or remove a site, export the current model.
+    Admin(admin_cmd::AdminArgs),
     /// Run a complete two-hospital study on this machine: certificates, synthetic cohort, server
     /// and two clients as separate processes over mutual TLS, then a summary.
     Demo {
@@ -95,6 +102,15 @@ enum Command {
         /// Image sizes for the multimodal models: tiny, small, full.
         #[arg(long, default_value = "small")]
         scale: fedhcc_cohort::synth_images::Scale,
+        /// Send the updates in the clear (over mutual TLS) instead of securely aggregated: by default
+        /// the server sees only the sum of the sites' masked updates (median and trimmed_mean
+        /// always run without).
+        #[arg(long)]
+        no_secagg: bool,
+        /// Differential privacy on top of secure aggregation (demo settings: σ = 1, L2 clip 0.05,
+        /// δ = 1e-5; a study sets them in `[federation.dp]`); the summary reports ε.
+        #[arg(long, conflicts_with = "no_secagg")]
+        dp: bool,
     },
     /// Train the study's model without federation, with the same code a site runs: one site alone
     /// (`--mode local`) or several sites' data pooled (`--mode central`, a simulation for the
@@ -111,6 +127,13 @@ enum Command {
     /// Statistics of a set of predictions (AUC with DeLong CI, calibration, cut-off metrics, C-indices,
     /// Kaplan–Meier, log-rank, Cox, time-dependent AUC, net benefit): stats.json and SVG plots.
     Stats(stats_cmd::StatsArgs),
+    /// External validation of an exported model at a site, offline: scores the site's patients
+    /// (all of them, or one of its splits), writes predictions.csv (stays at the site), stats.json,
+    /// validation.json and the plots.
+    Validate(validate::ValidateArgs),
+    /// The study report from a server's state folder: report.html (self-contained), report.json and CSV
+    /// tables (participant flow, per-site and pooled performance with CIs, training rounds, survival).
+    Report(report::ReportArgs),
     /// Check an audit log (every message a site or the server sent and received): `audit verify FILE`.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
@@ -212,6 +235,10 @@ enum BenchCommand {
     /// One site's local training epoch of the preop/postop model at default sizes (290 synthetic
     /// patients): samples/s, epoch seconds, peak memory, achieved vs ceiling conv GFLOP/s.
     Train(bench::train::TrainArgs),
+    /// Load and fault drills with real processes on loopback: 50 sites; SIGKILL of the server
+    /// mid-upload and restart; SIGKILL of a client mid-upload; a client that stops reading. Each is
+    /// checked (the command fails if one fails) and measured.
+    Drills(bench::drills::DrillsArgs),
 }
 
 fn parse_strategy(s: &str) -> Result<fedhcc_core::aggregation::StrategyKind, String> {
@@ -246,19 +273,24 @@ fn main() -> std::process::ExitCode {
         Command::Client { config: Some(config), command: None } => commands::client(&config),
         Command::Client { config: None, command: None } => Err(anyhow::anyhow!("fedhcc client needs --config")),
         Command::Status { config, json } => commands::status(&config, json),
-        Command::Demo { out, rounds, patients, seed, strategy, model, scale } => {
-            demo::run_model(&out, rounds, patients, seed, strategy, &model, scale)
+        Command::Admin(args) => admin_cmd::run(&args),
+        Command::Demo { out, rounds, patients, seed, strategy, model, scale, no_secagg, dp } => {
+            let privacy = demo::DemoPrivacy { secure_aggregation: !no_secagg, dp };
+            demo::run_model(&out, rounds, patients, seed, strategy, &model, scale, privacy)
         }
         Command::Train(args) => train::train(&args),
         Command::Export(args) => export::export(&args),
         Command::Synth(args) => commands::synth(&args),
         Command::Preprocess(args) => commands::preprocess(&args),
         Command::Stats(args) => stats_cmd::stats(&args),
+        Command::Validate(args) => validate::validate(&args),
+        Command::Report(args) => report::report(&args),
         Command::Audit(c) => audit_cmd::run(&c),
         Command::Data(DataCommand::Check { site_config, json }) => commands::data_check(&site_config, json),
         Command::Bench(BenchCommand::Rounds(args)) => bench::rounds(&args),
         Command::Bench(BenchCommand::Strategies(args)) => bench::strategies::strategies(&args),
         Command::Bench(BenchCommand::Train(args)) => bench::train::train(&args),
+        Command::Bench(BenchCommand::Drills(args)) => bench::drills::drills(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -21,6 +21,7 @@ use fedhcc_model::{
     BackendKind, MultimodalConfig, MultimodalDataset, MultimodalEvalOutcome, MultimodalSample, MultimodalTrainOutcome,
     PatchBag, Survival, TrainParams,
 };
+use fedhcc_stats::federated::{EvaluationSettings, SitePredictions};
 use std::path::Path;
 
 /// Most patches kept per patient when several slides are concatenated (in slide-name order);
@@ -29,6 +30,9 @@ pub const MAX_PATCHES_PER_PATIENT: usize = 4096;
 
 /// A patient's unstandardised inputs: the clinical row and the slide's patch features.
 type RawInputs = (Vec<f32>, Option<PatchBag>);
+
+/// Overall survival (days, event) of a split's patients, in dataset order.
+type OsColumn = Vec<Option<(f64, bool)>>;
 
 /// Trains and evaluates the study's multimodal model on one site's prepared data.
 pub struct MultimodalExecutor {
@@ -46,6 +50,10 @@ pub struct MultimodalExecutor {
     positions: Vec<(usize, usize)>,
     /// The `(mean, std)` per group of `local` that the datasets are standardised with.
     applied: Option<Vec<(Vec<f32>, Vec<f32>)>>,
+    /// Overall survival of `train`, `val`, `test`, sample by sample (evaluation summaries).
+    os: [OsColumn; 3],
+    /// How an evaluation is summarised.
+    evaluation: EvaluationSettings,
 }
 
 /// What loading found, for the log (counts only).
@@ -83,8 +91,9 @@ impl MultimodalExecutor {
         let ex = extractor(&study.imaging.extractor)?;
         let wsi_key = wsi_settings(&study.imaging.wsi, ex.as_ref());
         let mut tally = Tally::default();
-        let mut build = |m: &DesignMatrix| -> Result<MultimodalDataset> {
+        let mut build = |m: &DesignMatrix| -> Result<(MultimodalDataset, OsColumn)> {
             let mut samples = Vec::with_capacity(m.n);
+            let mut os = Vec::with_capacity(m.n);
             for i in 0..m.n {
                 let patient = &site.cohort.patients[m.patient_rows[i]];
                 let label = m.labels[i].map(|l| l > 0.5);
@@ -146,6 +155,7 @@ impl MultimodalExecutor {
                 } else {
                     None
                 };
+                os.push(patient.os);
                 samples.push(MultimodalSample {
                     id: patient.id.clone(),
                     phase_present: crop.present,
@@ -156,9 +166,10 @@ impl MultimodalExecutor {
                     survival,
                 });
             }
-            Ok(MultimodalDataset::new(samples))
+            Ok((MultimodalDataset::new(samples), os))
         };
-        let (train, val, test) = (build(&site.train)?, build(&site.val)?, build(&site.test)?);
+        let ((train, os_train), (val, os_val), (test, os_test)) =
+            (build(&site.train)?, build(&site.val)?, build(&site.test)?);
         let (labelled, _, events) = train.counts();
         if train.len() < 2 || (labelled == 0 && events == 0) {
             bail!(
@@ -184,8 +195,20 @@ impl MultimodalExecutor {
         }
         let raw =
             [&train, &val, &test].map(|d| d.samples().iter().map(|s| (s.clinical.clone(), s.bag.clone())).collect());
-        let mut exec =
-            Self { cfg, fingerprint, backend, train, val, test, raw, local, positions: site.positions, applied: None };
+        let mut exec = Self {
+            cfg,
+            fingerprint,
+            backend,
+            train,
+            val,
+            test,
+            raw,
+            local,
+            positions: site.positions,
+            applied: None,
+            os: [os_train, os_val, os_test],
+            evaluation: study.evaluation.clone(),
+        };
         let own = exec.local.iter().map(GroupSums::mean_std).collect();
         exec.apply(own);
         Ok(exec)
@@ -194,6 +217,50 @@ impl MultimodalExecutor {
     /// The ids of the test split's patients, in evaluation order.
     pub fn test_ids(&self) -> Vec<String> {
         self.test.samples().iter().map(|s| s.id.clone()).collect()
+    }
+
+    /// Every patient of `split` (`train`, `val`, `test`, or `all` of them in that order) with a
+    /// prepared MRI and an outcome, scored by `global` (the probability of aggressive recurrence).
+    /// Patient-level: for this site only (`fedhcc validate`).
+    ///
+    /// # Errors
+    /// An unknown split, or what [`fedhcc_model::evaluate_multimodal`] refuses.
+    pub fn predictions(&mut self, global: &ParameterSet, split: &str) -> Result<SitePredictions, ExecutorError> {
+        let model = self.prepare(global)?;
+        if split == "all" {
+            let mut all = SitePredictions::default();
+            for k in 0..3 {
+                all.extend(self.score(&model, k)?);
+            }
+            return Ok(all);
+        }
+        self.score(&model, crate::site_evaluation::split_index(split)?)
+    }
+
+    fn dataset(&self, k: usize) -> &MultimodalDataset {
+        [&self.train, &self.val, &self.test][k]
+    }
+
+    /// Split `k`'s patients with these probabilities (one per patient, in dataset order).
+    fn scored(&self, k: usize, probabilities: &[f32]) -> SitePredictions {
+        let samples = self.dataset(k).samples();
+        SitePredictions {
+            score: probabilities.iter().map(|&p| f64::from(p)).collect(),
+            label: samples.iter().map(|s| s.label).collect(),
+            rfs: samples.iter().map(|s| s.survival.map(|v| (v.time, v.event))).collect(),
+            os: self.os[k].clone(),
+        }
+    }
+
+    /// Split `k`'s patients scored by `model` (a trainable part, inputs prepared).
+    fn score(&self, model: &ParameterSet, k: usize) -> Result<SitePredictions, ExecutorError> {
+        let data = self.dataset(k);
+        if data.is_empty() {
+            return Ok(SitePredictions::default());
+        }
+        let ev = fedhcc_model::evaluate_multimodal(&self.cfg, model, data, self.backend)
+            .map_err(|e| ExecutorError(e.to_string()))?;
+        Ok(self.scored(k, &ev.probabilities))
     }
 
     /// Standardises every patient's clinical row and patch features with `stats` (one `(mean,
@@ -236,6 +303,7 @@ impl MultimodalExecutor {
         let (mut train, mut val, mut test) =
             (first.train.into_samples(), first.val.into_samples(), first.test.into_samples());
         let mut raw = first.raw;
+        let mut os = first.os;
         let mut sums: Vec<Vec<GroupSums>> = first.local.into_iter().map(|g| vec![g]).collect();
         for p in it {
             if p.fingerprint != first.fingerprint {
@@ -245,6 +313,9 @@ impl MultimodalExecutor {
             val.extend(p.val.into_samples());
             test.extend(p.test.into_samples());
             for (into, from) in raw.iter_mut().zip(p.raw) {
+                into.extend(from);
+            }
+            for (into, from) in os.iter_mut().zip(p.os) {
                 into.extend(from);
             }
             for (into, g) in sums.iter_mut().zip(p.local) {
@@ -267,6 +338,8 @@ impl MultimodalExecutor {
             local,
             positions: first.positions,
             applied: None,
+            os,
+            evaluation: first.evaluation,
         };
         let pooled = exec.local.iter().map(GroupSums::mean_std).collect();
         exec.apply(pooled);
@@ -348,11 +421,12 @@ impl MultimodalExecutor {
     /// # Errors
     /// An unknown or empty split, or what [`fedhcc_model::evaluate_multimodal`] refuses.
     fn evaluate_split(&self, params: &ParameterSet, split: &str) -> Result<EvalResult, ExecutorError> {
-        let data = match split {
-            "val" => &self.val,
-            "test" => &self.test,
+        let k = match split {
+            "val" => 1,
+            "test" => 2,
             other => return Err(ExecutorError(format!("unknown split '{other}' (test or val)"))),
         };
+        let data = self.dataset(k);
         if data.is_empty() {
             return Err(ExecutorError(format!("the '{split}' split has no patient with a prepared MRI")));
         }
@@ -368,7 +442,11 @@ impl MultimodalExecutor {
             ("c_index", ev.c_index),
         ];
         metrics.extend(named.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))));
-        Ok(EvalResult { num_samples: ev.n as u64, metrics })
+        // The summary: the split's scores, the cut-off from the training split.
+        let test = self.scored(k, &ev.probabilities);
+        let train = if self.evaluation.cutoff.is_none() { Some(self.score(params, 0)?) } else { None };
+        let summary = crate::site_evaluation::summarise(&test, train.as_ref(), &self.evaluation);
+        Ok(EvalResult { num_samples: ev.n as u64, metrics, summary })
     }
 }
 

@@ -95,7 +95,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Writes `files` into `dir` so that a reader never sees a partial set (see the module docs).
-fn write_atomically(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
+pub(crate) fn write_atomically(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
     if dir.exists() {
         if !dir.is_dir() {
             bail!("--out {} exists and is not a folder", dir.display());

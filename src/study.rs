@@ -78,6 +78,9 @@ pub struct StudyModel {
     pub spec: CohortSpec,
     /// `[imaging]`: how sites prepare MRI crops and slide features (defaults when absent).
     pub imaging: ImagingSection,
+    /// How an evaluation is summarised: the study's `[evaluation]` with the default minimum cell
+    /// size (a site raises it to its policy's with `fedhcc_client::site_policy::min_cell`).
+    pub evaluation: fedhcc_stats::federated::EvaluationSettings,
 }
 
 impl StudyModel {
@@ -117,7 +120,14 @@ impl StudyModel {
             bail!("study [model]: dropout must be in [0, 1)");
         }
         let imaging = ImagingSection::from_study(study)?;
-        let typed = Self { model, cohort, spec, imaging };
+        let e = &study.evaluation;
+        let evaluation = fedhcc_stats::federated::EvaluationSettings {
+            cutoff: e.cutoff,
+            histogram_bins: e.histogram_bins,
+            time_grid_days: e.time_grid_days,
+            ..Default::default()
+        };
+        let typed = Self { model, cohort, spec, imaging, evaluation };
         if let Some(cfg) = typed.multimodal_config()? {
             cfg.validate().map_err(|e| anyhow::anyhow!("study [model]: {e}"))?;
         }

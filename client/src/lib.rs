@@ -5,15 +5,26 @@
 //!
 //! - [`transport`]: TLS channel, chunked download/upload (the only place prost types are used).
 //! - [`local_layers`]: FedBN, an executor wrapper that keeps normalisation layers at the site.
+//! - [`secagg`]: secure aggregation at the site (key pair per task, DP clipping and noise, fixed
+//!   point, pairwise masks); the server sees only masked words.
+//! - [`site_policy`]: the site's `[policy]` applied to every task before it runs; a declined task
+//!   is logged here and reported to the server (`RefuseTask`), and the client goes on waiting.
+//! - [`audit`]: `state_dir/audit.jsonl`, every message carrying task data, sent or received.
 //! - [`run`]: the task loop.
 
+pub mod audit;
 pub mod local_layers;
+pub mod secagg;
+pub mod site_policy;
 pub mod status;
 pub mod transport;
 
 use fedhcc_core::params::{Fingerprint, ParameterSet};
 use fedhcc_core::standardisation::GroupSums;
 use fedhcc_proto as pb;
+use fedhcc_secure::audit::Direction;
+use fedhcc_secure::policy::TaskKind;
+use prost::Message as _;
 use rand::Rng;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,6 +62,9 @@ pub struct TrainResult {
 pub struct EvalResult {
     pub num_samples: u64,
     pub metrics: Vec<(String, f64)>,
+    /// The site's evaluation summary (its own statistics, score histograms, survival counts, under
+    /// its minimum cell size); `None` when the executor makes none.
+    pub summary: Option<fedhcc_stats::federated::SiteEvaluation>,
 }
 
 /// Lets a long task notice that it should stop, and report how far it is (shown in
@@ -154,8 +168,11 @@ pub struct ClientOptions {
     pub max_backoff: Duration,
     /// Give up after this long without reaching the server (None = never).
     pub give_up_after: Option<Duration>,
-    /// `status.json` is kept here for the site operator.
+    /// `status.json` and the audit log (`audit.jsonl`) are kept here for the site operator; `None`
+    /// keeps neither.
     pub state_dir: Option<PathBuf>,
+    /// What this site lets the server ask of it (the site configuration's `[policy]`).
+    pub policy: fedhcc_secure::policy::SitePolicy,
 }
 
 /// How a client run ended.
@@ -167,6 +184,8 @@ pub struct ClientOutcome {
     pub bytes_down: u64,
     pub bytes_up: u64,
     pub final_model_sha256: String,
+    /// Tasks declined under the site's policy.
+    pub tasks_declined: u32,
 }
 
 /// A failure that ends the client.
@@ -178,6 +197,8 @@ pub enum ClientError {
     GaveUp(Duration),
     #[error("local task failed: {0}")]
     Executor(#[from] ExecutorError),
+    #[error("{0}; nothing more is sent until the audit log can be written")]
+    Audit(#[from] fedhcc_secure::audit::AuditError),
 }
 
 /// What was last written to `status.json`, so heartbeats and progress can rewrite it.
@@ -198,6 +219,10 @@ struct Runner<E> {
     outcome: ClientOutcome,
     trained_tasks: std::collections::HashSet<String>,
     report: std::sync::Mutex<Report>,
+    /// `state_dir/audit.jsonl`; a message is recorded before it is sent.
+    audit: audit::SiteAudit,
+    /// Secure aggregation: the key pair of the task in progress and the last masked upload.
+    secagg: secagg::SiteSecAgg,
 }
 
 impl<E: Executor> Runner<E> {
@@ -266,20 +291,69 @@ impl<E: Executor> Runner<E> {
         Ok((!self.trained_tasks.contains(&t.task_id)).then_some(t))
     }
 
+    /// Records a received task event (heartbeats carry no task data and are not recorded).
+    fn audit_event(&mut self, ev: &pb::TaskEvent) -> Result<(), ClientError> {
+        use pb::task_event::Event;
+        let (kind, t) = match &ev.event {
+            Some(Event::Train(t)) => ("task_train", t.task.as_ref()),
+            Some(Event::Evaluate(t)) => ("task_evaluate", t.task.as_ref()),
+            Some(Event::Statistics(t)) => ("task_statistics", t.task.as_ref()),
+            Some(Event::Finished(_)) => ("finished", None),
+            Some(Event::Heartbeat(_)) | None => return Ok(()),
+        };
+        let (task, round) = t.map(|t| (t.task_id.as_str(), t.round)).unwrap_or(("", 0));
+        self.audit.record(Direction::Received, task, round, kind, &ev.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// Checks a task against the site's policy; a refusal is logged here, recorded and reported to
+    /// the server, and the task is done with (`false`: do not run it).
+    async fn allowed(
+        &mut self,
+        client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+        tref: &pb::TaskRef,
+        check: Result<(), fedhcc_secure::policy::PolicyRefusal>,
+    ) -> Result<bool, ClientError> {
+        let Err(refusal) = check else { return Ok(true) };
+        let rule = refusal.rule.as_str();
+        tracing::warn!(site = %self.opts.site_id, task = %tref.task_id, round = tref.round, rule, reason = %refusal.message, "task declined by this site's policy");
+        let message = site_policy::message_for_server(&self.opts.policy, &refusal);
+        let report = pb::TaskRefusal { task: Some(tref.clone()), rule: rule.to_string(), message };
+        self.audit.record(Direction::Sent, &tref.task_id, tref.round, "task_refusal", &report.encode_to_vec())?;
+        if let Some(s) = not_used(client.refuse_task(report).await)? {
+            tracing::warn!(reason = s.message(), "the server did not take the refusal");
+        }
+        self.outcome.tasks_declined += 1;
+        self.trained_tasks.insert(tref.task_id.clone());
+        self.note_error(format!("{}: declined by this site's policy ({rule}): {}", tref.describe(), refusal.message));
+        self.status("waiting", format!("declined {} ({rule}); waiting for the next task", tref.describe()), tref.round);
+        Ok(false)
+    }
+
+    /// Downloads a task's model, recording it in the audit log; `None` when the task closed.
+    async fn fetch_model(
+        &mut self,
+        client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+        tref: &pb::TaskRef,
+        sha: &str,
+    ) -> Result<Option<(ParameterSet, u64)>, ClientError> {
+        let Some((global, n, digest)) = fetch(client, tref, sha).await? else { return Ok(None) };
+        self.audit.record_digest(Direction::Received, &tref.task_id, tref.round, "model", n, digest)?;
+        Ok(Some((global, n)))
+    }
+
     /// One connection's life: join, then serve tasks until the stream ends.
     async fn session(&mut self, shutdown: &CancellationToken, connected: &mut bool) -> Result<bool, ClientError> {
         let mut client = transport::connect(&self.opts.target).await?;
         let (fp, n) = self.executor.as_ref().map(|e| (e.fingerprint(), e.num_samples())).unwrap_or((None, 0));
-        let join = client
-            .join(pb::JoinRequest {
-                study_id: self.opts.study_id.clone(),
-                client_version: pb::PROTOCOL_VERSION.into(),
-                model_fingerprint: fp.map(|f| f.to_hex()).unwrap_or_default(),
-                num_samples: n,
-            })
-            .await
-            .map_err(TransportError::from)?
-            .into_inner();
+        let request = pb::JoinRequest {
+            study_id: self.opts.study_id.clone(),
+            client_version: pb::PROTOCOL_VERSION.into(),
+            model_fingerprint: fp.map(|f| f.to_hex()).unwrap_or_default(),
+            num_samples: n,
+        };
+        self.audit.record(Direction::Sent, "", 0, "join", &request.encode_to_vec())?;
+        let join = client.join(request).await.map_err(TransportError::from)?.into_inner();
         *connected = true;
         if join.run_id != self.opts.run_id {
             tracing::warn!(server_run = %join.run_id, configured = %self.opts.run_id, "the server runs another run id; following the server");
@@ -308,6 +382,7 @@ impl<E: Executor> Runner<E> {
             let Some(ev) = ev else {
                 return Err(TransportError::Damaged("the server closed the task stream".into()).into());
             };
+            self.audit_event(&ev)?;
             match ev.event {
                 Some(pb::task_event::Event::Heartbeat(_)) | None => self.write_status(),
                 Some(pb::task_event::Event::Finished(f)) => {
@@ -373,12 +448,33 @@ impl<E: Executor> Runner<E> {
     ) -> Result<(), ClientError> {
         let Some(tref) = self.new_task(t.task.clone())? else { return Ok(()) };
         let round = tref.round;
+        let facts = site_policy::train_facts(
+            &t.model_fingerprint,
+            round,
+            t.secure_aggregation,
+            t.dp_noise_multiplier,
+            t.dp_delta,
+        );
+        let check = self.opts.policy.check(&facts);
+        if !self.allowed(client, &tref, check).await? {
+            return Ok(());
+        }
+        // Secure aggregation: this task's public key goes out before the download, so that the key
+        // exchange closes while the sites train (or an update already masked for it is resent).
+        let masking = if t.secure_aggregation {
+            match self.secagg_prepare(client, &tref, &t).await? {
+                secagg::Prepared::Proceed(spec) => Some(spec),
+                secagg::Prepared::Done => return Ok(()),
+            }
+        } else {
+            None
+        };
         self.status(
             "downloading",
             format!("round {round}: downloading the global model ({} bytes)", t.model_bytes),
             round,
         );
-        let Some((global, n)) = fetch(client, &tref, &t.model_sha256).await? else { return Ok(()) };
+        let Some((global, n)) = self.fetch_model(client, &tref, &t.model_sha256).await? else { return Ok(()) };
         self.outcome.bytes_down += n;
         let spec = TrainSpec {
             round,
@@ -403,7 +499,24 @@ impl<E: Executor> Runner<E> {
         let mut metrics = result.metrics;
         metrics.push(("train_seconds".into(), started.elapsed().as_secs_f64()));
         self.status("uploading", format!("round {round}: uploading the update"), round);
-        match transport::upload(client, tref.clone(), &delta, result.num_samples, metrics).await {
+        let sent = match masking {
+            Some(spec) => self.upload_masked(client, &tref, spec, delta, result.num_samples, metrics).await?,
+            None => {
+                // Recorded before it leaves: the same bytes and SHA-256 as the upload's payload.
+                self.audit.record(Direction::Sent, &tref.task_id, round, "update", &delta.encode())?;
+                transport::upload(client, tref.clone(), &delta, result.num_samples, metrics).await
+            }
+        };
+        self.upload_outcome(round, sent)?;
+        self.trained_tasks.insert(tref.task_id.clone());
+        self.status("waiting", format!("round {round} done; waiting for the next task"), round);
+        Ok(())
+    }
+
+    /// Counts an accepted upload; a duplicate (a task resent after a reconnect) or a round that
+    /// closed meanwhile is not an error.
+    fn upload_outcome(&mut self, round: u32, sent: Result<u64, TransportError>) -> Result<(), ClientError> {
+        match sent {
             Ok(n) => {
                 self.outcome.bytes_up += n;
                 self.outcome.rounds_trained += 1;
@@ -417,8 +530,6 @@ impl<E: Executor> Runner<E> {
             }
             Err(e) => return Err(e.into()),
         }
-        self.trained_tasks.insert(tref.task_id.clone());
-        self.status("waiting", format!("round {round} done; waiting for the next task"), round);
         Ok(())
     }
 
@@ -431,8 +542,21 @@ impl<E: Executor> Runner<E> {
         shutdown: &CancellationToken,
     ) -> Result<(), ClientError> {
         let Some(tref) = self.new_task(t.task.clone())? else { return Ok(()) };
+        let facts = site_policy::task_facts(TaskKind::Statistics, &t.model_fingerprint, tref.round);
+        let check = self.opts.policy.check(&facts);
+        if !self.allowed(client, &tref, check).await? {
+            return Ok(());
+        }
         self.status("statistics", "sending feature sums and counts for the pooled standardisation".into(), 0);
-        let groups = self.run_blocking(shutdown, |e, _| e.statistics()).await??;
+        let mut groups = self.run_blocking(shutdown, |e, _| e.statistics()).await??;
+        let suppressed = site_policy::suppress_small_cells(&mut groups, &self.opts.policy);
+        if suppressed > 0 {
+            tracing::info!(
+                suppressed,
+                min = site_policy::min_cell(&self.opts.policy),
+                "features observed for too few patients are sent as not observed"
+            );
+        }
         let report = pb::StatisticsReport {
             task: Some(tref.clone()),
             groups: groups
@@ -446,6 +570,7 @@ impl<E: Executor> Runner<E> {
                 })
                 .collect(),
         };
+        self.audit.record(Direction::Sent, &tref.task_id, tref.round, "statistics", &report.encode_to_vec())?;
         if let Some(s) = not_used(client.report_statistics(report).await)? {
             tracing::warn!(reason = s.message(), "statistics not used");
             self.note_error(format!("the server did not use this site's statistics: {}", s.message()));
@@ -463,17 +588,52 @@ impl<E: Executor> Runner<E> {
     ) -> Result<(), ClientError> {
         let Some(tref) = self.new_task(t.task.clone())? else { return Ok(()) };
         let round = tref.round;
+        let facts = site_policy::task_facts(TaskKind::Evaluate, &t.model_fingerprint, round);
+        let check = self.opts.policy.check(&facts);
+        if !self.allowed(client, &tref, check).await? {
+            return Ok(());
+        }
         self.status("evaluating", format!("evaluating the model of round {round} on the '{}' split", t.split), round);
-        let Some((global, n)) = fetch(client, &tref, &t.model_sha256).await? else { return Ok(()) };
+        let Some((global, n)) = self.fetch_model(client, &tref, &t.model_sha256).await? else { return Ok(()) };
         self.outcome.bytes_down += n;
         let split = t.split.clone();
         let res = self.run_blocking(shutdown, move |e, ctl| e.evaluate(&global, &split, ctl)).await??;
+        let check = site_policy::check_evaluation(&self.opts.policy, &res);
+        if !self.allowed(client, &tref, check).await? {
+            return Ok(());
+        }
+        let summary = match res.summary.as_ref().map(fedhcc_stats::federated::SiteEvaluation::encode) {
+            None => Vec::new(),
+            Some(Ok(bytes)) => bytes,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "the evaluation summary is not sent");
+                self.note_error(format!("round {round}: the evaluation summary is not sent: {e}"));
+                Vec::new()
+            }
+        };
         let report = pb::EvaluationReport {
             task: Some(tref.clone()),
             num_samples: res.num_samples,
             metrics: res.metrics.into_iter().map(|(name, value)| pb::Metric { name, value }).collect(),
+            summary: summary.into(),
         };
-        match not_used(client.report_evaluation(report).await)? {
+        self.audit.record(Direction::Sent, &tref.task_id, round, "evaluation", &report.encode_to_vec())?;
+        let reply = match client.report_evaluation(report.clone()).await {
+            // The summary was refused (the server's study differs, say): the metrics still count.
+            Err(s) if s.code() == tonic::Code::InvalidArgument && !report.summary.is_empty() => {
+                tracing::warn!(reason = s.message(), "the server refused the evaluation summary; sending the metrics");
+                self.note_error(format!(
+                    "round {round}: the server refused this site's evaluation summary ({}); the metrics were sent \
+                     without it",
+                    s.message()
+                ));
+                let bare = pb::EvaluationReport { summary: Default::default(), ..report };
+                self.audit.record(Direction::Sent, &tref.task_id, round, "evaluation", &bare.encode_to_vec())?;
+                client.report_evaluation(bare).await
+            }
+            other => other,
+        };
+        match not_used(reply)? {
             None => self.outcome.evaluations += 1,
             Some(s) => {
                 tracing::warn!(reason = s.message(), "evaluation not used");
@@ -496,13 +656,14 @@ fn not_used<T>(reply: Result<T, tonic::Status>) -> Result<Option<tonic::Status>,
     }
 }
 
-/// Downloads a task's model; `None` when the task closed meanwhile (the next one will come).
+/// Downloads a task's model (with the payload's SHA-256); `None` when the task closed meanwhile
+/// (the next one will come).
 async fn fetch(
     client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
     tref: &pb::TaskRef,
     sha: &str,
-) -> Result<Option<(ParameterSet, u64)>, TransportError> {
-    match transport::download(client, tref.clone(), sha).await {
+) -> Result<Option<(ParameterSet, u64, [u8; 32])>, TransportError> {
+    match transport::download_digest(client, tref.clone(), sha).await {
         Ok(v) => Ok(Some(v)),
         Err(TransportError::Status(s)) if s.code() == tonic::Code::FailedPrecondition => {
             tracing::warn!(task = %tref.task_id, reason = s.message(), "task no longer open; waiting for the next");
@@ -529,7 +690,18 @@ pub async fn run<E: Executor>(
         outcome: ClientOutcome::default(),
         trained_tasks: Default::default(),
         report: Default::default(),
+        audit: Default::default(),
+        secagg: Default::default(),
     };
+    match audit::SiteAudit::open(runner.opts.state_dir.as_deref(), &runner.opts.target.server_name) {
+        Ok(a) => runner.audit = a,
+        Err(e) => {
+            let e = ClientError::from(e);
+            runner.note_error(e.to_string());
+            runner.status("stopped", format!("stopped: {e}"), 0);
+            return Err(e);
+        }
+    }
     runner.status("starting", format!("connecting to {}", runner.opts.target.url), 0);
     let mut backoff = runner.opts.min_backoff;
     let mut unreachable_since: Option<Instant> = None;

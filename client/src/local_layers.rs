@@ -187,6 +187,7 @@ mod tests {
             Ok(EvalResult {
                 num_samples: 1,
                 metrics: vec![("sum".into(), g.values().iter().map(|&v| f64::from(v)).sum())],
+                summary: None,
             })
         }
     }

@@ -1,14 +1,22 @@
 //! The client's side of the wire: mutual-TLS channel, chunked download and upload. With the
 //! server's service layer, the only place prost types are used.
+//!
+//! The TLS connection is made here, not by tonic: tonic's client TLS offers TLS 1.2 as well and
+//! has no setting to turn it off, so [`connect`] dials TCP, runs a TLS 1.3-only handshake
+//! ([`fedhcc_core::pki::client_config`], which also refuses an expired certificate of ours or of
+//! the study CA) and hands the finished stream to tonic.
 
 use fedhcc_core::params::{ParameterSet, PayloadReader, sha256_hex};
-use fedhcc_core::pki::ClientTlsFiles;
+use fedhcc_core::pki::{ClientTlsFiles, PkiError};
 use fedhcc_proto as pb;
 use fedhcc_proto::MAX_CHUNK_BYTES;
+use pb::admin_client::AdminClient;
 use pb::federation_client::FederationClient;
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::codegen::http::Uri;
+use tonic::transport::{Channel, Endpoint};
 
 /// A failure talking to the server.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +31,8 @@ pub enum TransportError {
     Status(#[from] tonic::Status),
     #[error("the model received is damaged: {0}")]
     Damaged(String),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] PkiError),
 }
 
 impl TransportError {
@@ -37,6 +47,8 @@ impl TransportError {
                     | tonic::Code::Cancelled
                     | tonic::Code::DeadlineExceeded
                     | tonic::Code::Internal
+                    // Joined too often: the server's rate limit; the backoff waits it out.
+                    | tonic::Code::ResourceExhausted
             ),
             TransportError::Damaged(_) => true,
             _ => false,
@@ -52,31 +64,69 @@ pub struct ServerTarget {
     pub tls: ClientTlsFiles,
 }
 
-fn read(path: &std::path::Path) -> Result<Vec<u8>, TransportError> {
-    std::fs::read(path).map_err(|source| TransportError::Files { path: path.to_path_buf(), source })
+/// `host:port` of an `https://host[:port]` server address (port 443 when left out).
+fn authority(url: &str) -> Option<String> {
+    let uri: Uri = url.parse().ok()?;
+    if uri.scheme_str() != Some("https") || uri.path().len() > 1 || uri.query().is_some() {
+        return None;
+    }
+    let a = uri.authority()?;
+    if a.as_str().contains('@') {
+        return None;
+    }
+    Some(format!("{}:{}", a.host(), a.port_u16().unwrap_or(443)))
 }
 
-/// Opens a mutual-TLS channel. Note that a refused certificate shows on the first call, not here.
+/// Opens a mutual-TLS (1.3 only) channel. Note that a refused certificate shows on the first call,
+/// not here.
+///
+/// # Errors
+/// Unreadable, invalid or expired certificate files, a bad address, or no connection.
+pub async fn connect(target: &ServerTarget) -> Result<FederationClient<Channel>, TransportError> {
+    Ok(FederationClient::new(channel(target).await?)
+        .max_decoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES))
+}
+
+/// Opens a mutual-TLS channel to the study lead's admin RPCs (start, pause, resume, abort,
+/// allow-list, export); the server accepts them from the admin certificate only.
 ///
 /// # Errors
 /// Unreadable certificate files, a bad address, or no connection.
-pub async fn connect(target: &ServerTarget) -> Result<FederationClient<Channel>, TransportError> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&target.tls.ca)?))
-        .identity(Identity::from_pem(read(&target.tls.cert)?, read(&target.tls.key)?))
-        .domain_name(target.server_name.clone());
-    let endpoint = Endpoint::from_shared(target.url.clone())
+pub async fn connect_admin(target: &ServerTarget) -> Result<AdminClient<Channel>, TransportError> {
+    Ok(AdminClient::new(channel(target).await?)
+        .max_decoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES))
+}
+
+/// The mutual-TLS (1.3 only) channel under [`connect`] and [`connect_admin`].
+///
+/// # Errors
+/// Unreadable, invalid or expired certificate files, a bad address, or no connection.
+async fn channel(target: &ServerTarget) -> Result<Channel, TransportError> {
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(fedhcc_core::pki::client_config(&target.tls)?));
+    let name = rustls::pki_types::ServerName::try_from(target.server_name.clone())
+        .map_err(|_| TransportError::Address(format!("server_name '{}'", target.server_name)))?;
+    let addr = authority(&target.url).ok_or_else(|| {
+        TransportError::Address(format!("{} (expected https://host:port, without a path)", target.url))
+    })?;
+    // tonic sees a plain stream: the TLS connection is ours (the scheme only fills `:scheme`).
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| TransportError::Address(target.url.clone()))?
-        .tls_config(tls)?
         .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
-    let channel = endpoint.connect().await?;
-    Ok(FederationClient::new(channel)
-        .max_decoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES))
+    let dial = tower::service_fn(move |_: Uri| {
+        let (tls, name, addr) = (tls.clone(), name.clone(), addr.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tls.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    Ok(endpoint.connect_with_connector(dial).await?)
 }
 
 /// Downloads the global model of a task and checks its length, SHA-256 and layout fingerprint.
@@ -88,6 +138,18 @@ pub async fn download(
     task: pb::TaskRef,
     expect_sha: &str,
 ) -> Result<(ParameterSet, u64), TransportError> {
+    download_digest(client, task, expect_sha).await.map(|(p, n, _)| (p, n))
+}
+
+/// [`download`], also returning the SHA-256 of the payload received (for the audit log).
+///
+/// # Errors
+/// As [`download`].
+pub async fn download_digest(
+    client: &mut FederationClient<Channel>,
+    task: pb::TaskRef,
+    expect_sha: &str,
+) -> Result<(ParameterSet, u64, [u8; 32]), TransportError> {
     let mut stream = client.download_model(task).await?.into_inner();
     let header = match stream.message().await? {
         Some(pb::ModelPart { part: Some(pb::model_part::Part::Header(h)) }) => h,
@@ -129,7 +191,8 @@ pub async fn download(
     if received != total {
         return Err(TransportError::Damaged(format!("received {received} of {total} bytes")));
     }
-    let got = hex::encode(hasher.finalize());
+    let digest: [u8; 32] = hasher.finalize().into();
+    let got = hex::encode(digest);
     if got != header.sha256 {
         return Err(TransportError::Damaged(format!("SHA-256 {got} differs from the announced {}", header.sha256)));
     }
@@ -139,7 +202,7 @@ pub async fn download(
     if params.fingerprint().to_hex() != header.model_fingerprint {
         return Err(TransportError::Damaged("the model's layout differs from its header".into()));
     }
-    Ok((params, total as u64))
+    Ok((params, total as u64, digest))
 }
 
 /// Uploads an update (a delta) as a header and chunks of at most 1 MiB.
@@ -162,6 +225,9 @@ pub async fn upload(
         sha256: sha256_hex(&payload),
         chunks: payload.len().div_ceil(MAX_CHUNK_BYTES) as u32,
         metrics: metrics.into_iter().map(|(name, value)| pb::Metric { name, value }).collect(),
+        encoding: String::new(),
+        roster_digest: Default::default(),
+        encoded_weight: 0,
     };
     let n = payload.len() as u64;
     let first = pb::UploadPart { part: Some(pb::upload_part::Part::Header(header)) };
@@ -172,4 +238,53 @@ pub async fn upload(
     let stream = tokio_stream::iter(std::iter::once(first).chain(chunks));
     client.upload_update(stream).await?;
     Ok(n)
+}
+
+/// Secure aggregation: waits for the task's roster (the server answers once the key exchange has
+/// closed).
+///
+/// # Errors
+/// A refused request (the task closed, or the roster was fixed without this site) or a broken
+/// connection.
+pub async fn await_roster(
+    client: &mut FederationClient<Channel>,
+    task: pb::TaskRef,
+) -> Result<pb::KeyRoster, TransportError> {
+    Ok(client.await_roster(task).await?.into_inner())
+}
+
+/// Uploads a masked update (`header.encoding` = `secagg-u64`, its SHA-256 and chunk count already
+/// set for `payload`) in chunks of at most 1 MiB.
+///
+/// # Errors
+/// A refused or broken upload.
+pub async fn upload_masked(
+    client: &mut FederationClient<Channel>,
+    header: pb::UpdateHeader,
+    payload: bytes::Bytes,
+) -> Result<u64, TransportError> {
+    let n = payload.len() as u64;
+    let first = pb::UploadPart { part: Some(pb::upload_part::Part::Header(header)) };
+    let chunks = (0..payload.len().div_ceil(MAX_CHUNK_BYTES)).map(move |i| {
+        let end = ((i + 1) * MAX_CHUNK_BYTES).min(payload.len());
+        pb::UploadPart { part: Some(pb::upload_part::Part::Chunk(payload.slice(i * MAX_CHUNK_BYTES..end))) }
+    });
+    client.upload_update(tokio_stream::iter(std::iter::once(first).chain(chunks))).await?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses_must_be_https_host_and_port() {
+        assert_eq!(authority("https://study.example.org:50051").as_deref(), Some("study.example.org:50051"));
+        assert_eq!(authority("https://127.0.0.1:7").as_deref(), Some("127.0.0.1:7"));
+        assert_eq!(authority("https://[::1]:9/").as_deref(), Some("[::1]:9"));
+        assert_eq!(authority("https://study.example.org").as_deref(), Some("study.example.org:443"));
+        for bad in ["http://x:1", "https://x:1/path", "https://user@x:1", "https://x:1?q=1", "x:1", "", "https://"] {
+            assert_eq!(authority(bad), None, "{bad}");
+        }
+    }
 }

@@ -6,6 +6,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+mod control;
+pub use control::{AdminCommand, ControlRefusal, RunControl};
+mod keys;
+pub use keys::{RosterKeys, RosterState};
+
 /// Fixed parameters of a run.
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
@@ -29,6 +34,11 @@ pub enum Phase {
     Aggregating,
     Evaluating,
     Finished,
+    /// Paused by the study lead: nothing new is announced until the run is resumed.
+    Paused,
+    /// `[federation] start = "manual"`: waiting for the study lead's `start` before anything is
+    /// announced.
+    AwaitingStart,
 }
 
 impl Phase {
@@ -40,6 +50,8 @@ impl Phase {
             Phase::Aggregating => "aggregating",
             Phase::Evaluating => "evaluating",
             Phase::Finished => "finished",
+            Phase::Paused => "paused",
+            Phase::AwaitingStart => "waiting_for_start",
         }
     }
 }
@@ -62,6 +74,9 @@ pub struct Task {
     pub attempt: u32,
     pub id: String,
     pub selected: BTreeSet<String>,
+    /// Under secure aggregation, once the key exchange has closed: the sites whose masked updates
+    /// make up the sum, with their public keys ([`keys`]).
+    pub roster: Option<RosterKeys>,
 }
 
 /// One site's accepted answer to a task (aggregate numbers only).
@@ -90,6 +105,16 @@ pub enum Action {
     EvaluationDone { task: Task, reported: BTreeSet<String>, missing: BTreeSet<String> },
     /// Every round is committed and evaluated.
     Finish { rounds_completed: u32 },
+    /// Secure aggregation: the key exchange of this train task has closed; its roster is
+    /// `task.roster`. Tell the sites waiting for it.
+    RosterFixed(Task),
+    /// Secure aggregation: this attempt can never be decoded (a roster member dropped out, or too
+    /// few keys came in); its spooled masked updates can be discarded. The restarted attempt is
+    /// announced by the action that follows.
+    SecureAggregationAborted { task: Task, reason: String },
+    /// The study lead aborted the run: the task in flight (if any) is dropped, its spooled answers
+    /// can be discarded, and the model of the last committed round is final.
+    Abort { task: Option<Task>, rounds_completed: u32 },
 }
 
 /// Why a submission is refused. The service turns these into gRPC statuses.
@@ -105,6 +130,8 @@ pub enum Refusal {
     NotSelected { task: String },
     /// The run is not collecting this kind of answer now.
     WrongPhase { phase: Phase },
+    /// Secure aggregation: the key exchange or roster does not allow this (see `reason`).
+    KeyExchange { task: String, reason: String },
 }
 
 impl std::fmt::Display for Refusal {
@@ -121,6 +148,7 @@ impl std::fmt::Display for Refusal {
             Refusal::WrongPhase { phase } => {
                 write!(f, "the server is not accepting this now (phase: {})", phase.as_str())
             }
+            Refusal::KeyExchange { task, reason } => write!(f, "task {task}: {reason}"),
         }
     }
 }
@@ -136,8 +164,17 @@ pub struct Coordinator {
     deadline: Option<Instant>,
     connected: BTreeSet<String>,
     results: BTreeMap<String, SiteResult>,
+    /// Sites that declined the current task under their own policy, with the rule and reason: they
+    /// count as answered without a result. Cleared when a task starts.
+    declined: BTreeMap<String, String>,
     /// The statistics task has yet to succeed.
     statistics_pending: bool,
+    /// What the study lead allows (admin commands); only `Running` announces tasks.
+    control: RunControl,
+    /// The kind of task to start when a paused (or not yet started) run goes on.
+    held: TaskKind,
+    /// Secure aggregation's key exchange (`None`: updates in the clear).
+    secagg: Option<keys::KeyExchange>,
 }
 
 /// Task ids: `r3a1` = round 3, attempt 1; `e3a1` = evaluation after round 3; `s0a1` = the
@@ -169,6 +206,8 @@ impl Coordinator {
         let statistics_pending = cfg.statistics && completed == 0;
         Self {
             statistics_pending,
+            control: RunControl::Running,
+            held: TaskKind::Train,
             cfg,
             phase,
             completed,
@@ -177,6 +216,8 @@ impl Coordinator {
             deadline: None,
             connected: BTreeSet::new(),
             results: BTreeMap::new(),
+            declined: BTreeMap::new(),
+            secagg: None,
         }
     }
 
@@ -192,15 +233,24 @@ impl Coordinator {
     pub fn current_task(&self) -> Option<&Task> {
         self.task.as_ref()
     }
+    /// The next moment the driver must [`Coordinator::tick`]: the task's deadline, or earlier the
+    /// deadline of a secure-aggregation key exchange.
     pub fn deadline(&self) -> Option<Instant> {
-        self.deadline
+        match (self.deadline, self.secagg.as_ref().and_then(|k| k.deadline())) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
     pub fn connected(&self) -> &BTreeSet<String> {
         &self.connected
     }
-    /// Sites that have answered the current task.
+    /// Sites that have answered the current task (with a result, or by declining it).
     pub fn answered(&self) -> impl Iterator<Item = &String> {
-        self.results.keys()
+        self.results.keys().chain(self.declined.keys())
+    }
+    /// Sites that declined the current task under their own policy, with the rule and reason.
+    pub fn declined(&self) -> &BTreeMap<String, String> {
+        &self.declined
     }
     /// The round a train task would carry now.
     pub fn current_round(&self) -> u32 {
@@ -220,11 +270,15 @@ impl Coordinator {
         match self.phase {
             Phase::WaitingForSites => self.try_start(TaskKind::Train, now),
             Phase::Statistics | Phase::Training | Phase::Evaluating => self.try_close(now, false),
-            Phase::Aggregating | Phase::Finished => vec![],
+            Phase::Aggregating | Phase::Finished | Phase::Paused | Phase::AwaitingStart => vec![],
         }
     }
 
     fn try_start(&mut self, kind: TaskKind, now: Instant) -> Vec<Action> {
+        if self.control != RunControl::Running {
+            // Paused, not started or aborted: nothing new is announced.
+            return self.hold(kind, now);
+        }
         // A fresh run pools the sites' statistics before it trains.
         let kind = if kind == TaskKind::Train && self.statistics_pending { TaskKind::Statistics } else { kind };
         if self.connected.len() < self.cfg.min_sites {
@@ -249,6 +303,7 @@ impl Coordinator {
             attempt: self.attempt,
             id: task_id(kind, round, self.attempt),
             selected: self.connected.clone(),
+            roster: None,
         };
         self.phase = match kind {
             TaskKind::Statistics => Phase::Statistics,
@@ -256,8 +311,10 @@ impl Coordinator {
             TaskKind::Evaluate => Phase::Evaluating,
         };
         self.results.clear();
+        self.declined.clear();
         self.deadline = Some(now + self.cfg.round_timeout);
         self.task = Some(task.clone());
+        self.open_key_exchange(kind, &task.id, now);
         vec![Action::Announce(task)]
     }
 
@@ -293,10 +350,31 @@ impl Coordinator {
         if !task.selected.contains(site) {
             return Err(Refusal::NotSelected { task: task.id.clone() });
         }
-        if self.results.contains_key(site) {
+        if self.results.contains_key(site) || self.declined.contains_key(site) {
             return Err(Refusal::Duplicate { task: task.id.clone() });
         }
         Ok(())
+    }
+
+    /// `site` declined `task_id` under its own policy (`why`: the rule and the site's reason). It
+    /// counts as answered without a result, so the task closes without waiting for it, and the
+    /// round goes on with the others when they meet the quorum. When too few are left, the task
+    /// waits for its deadline before it is retried (a site that declined would decline again).
+    ///
+    /// # Errors
+    /// As [`Coordinator::check_submission`]: the task is not the current one, the site was not
+    /// selected, or it already answered.
+    pub fn site_declined(
+        &mut self,
+        site: &str,
+        task_id: &str,
+        why: &str,
+        now: Instant,
+    ) -> Result<Vec<Action>, Refusal> {
+        let kind = self.task.as_ref().map(|t| t.kind).ok_or(Refusal::WrongPhase { phase: self.phase })?;
+        self.check_submission(site, kind, task_id)?;
+        self.declined.insert(site.to_string(), why.to_string());
+        Ok(self.try_close(now, false))
     }
 
     /// Checks whether `site` may download the model of `task_id` now: the task is the current one
@@ -328,6 +406,9 @@ impl Coordinator {
         now: Instant,
     ) -> Result<Vec<Action>, Refusal> {
         self.check_submission(site, kind, task_id)?;
+        if kind == TaskKind::Train && self.secagg.is_some() {
+            self.check_masked_submission(site, task_id)?;
+        }
         self.results.insert(site.to_string(), result);
         Ok(self.try_close(now, false))
     }
@@ -336,13 +417,24 @@ impl Coordinator {
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
         match self.deadline {
             Some(d) if now >= d => self.try_close(now, true),
+            // A secure-aggregation key exchange closes at its own deadline.
+            _ if self.secagg.as_ref().and_then(|k| k.deadline()).is_some_and(|d| now >= d) => {
+                self.try_close(now, false)
+            }
             _ => vec![],
         }
     }
 
     fn try_close(&mut self, now: Instant, deadline_passed: bool) -> Vec<Action> {
         let Some(task) = self.task.clone() else { return vec![] };
-        let pending: BTreeSet<&String> = task.selected.iter().filter(|s| !self.results.contains_key(*s)).collect();
+        if task.kind == TaskKind::Train && self.secagg.is_some() {
+            return self.try_close_secure(now, deadline_passed);
+        }
+        let pending: BTreeSet<&String> = task
+            .selected
+            .iter()
+            .filter(|s| !self.results.contains_key(*s) && !self.declined.contains_key(*s))
+            .collect();
         let all_answered = pending.is_empty();
         let rest_gone = pending.iter().all(|s| !self.connected.contains(*s));
         match task.kind {
@@ -351,19 +443,29 @@ impl Coordinator {
                 if !(all_answered || (rest_gone && enough) || deadline_passed) {
                     return vec![];
                 }
+                if !enough && !deadline_passed && !self.declined.is_empty() {
+                    // Too few results because sites declined: retrying at once would only be
+                    // declined again, so the task runs to its deadline.
+                    return vec![];
+                }
                 self.deadline = None;
+                let declined = std::mem::take(&mut self.declined);
                 if enough {
                     self.phase = Phase::Aggregating;
                     let results = std::mem::take(&mut self.results);
-                    let missing: Vec<String> = pending.into_iter().cloned().collect();
+                    let mut missing: Vec<String> = pending.into_iter().cloned().collect();
+                    let declined_sites: Vec<String> = declined.keys().cloned().collect();
                     return vec![match task.kind {
-                        TaskKind::Statistics => Action::StatisticsDone {
-                            task,
-                            reported: results.into_keys().collect(),
-                            missing: missing.into_iter().collect(),
-                        },
+                        TaskKind::Statistics => {
+                            missing.extend(declined_sites);
+                            Action::StatisticsDone {
+                                task,
+                                reported: results.into_keys().collect(),
+                                missing: missing.into_iter().collect(),
+                            }
+                        }
                         _ => {
-                            let failures = missing
+                            let mut failures: BTreeMap<String, String> = missing
                                 .into_iter()
                                 .map(|s| {
                                     let why = if self.connected.contains(&s) {
@@ -374,6 +476,7 @@ impl Coordinator {
                                     (s, why.to_string())
                                 })
                                 .collect();
+                            failures.extend(declined.into_iter().map(|(s, why)| (s, format!("declined: {why}"))));
                             Action::Aggregate { task, results, failures }
                         }
                     }];
@@ -383,11 +486,15 @@ impl Coordinator {
                     self.deadline = Some(now);
                     return vec![];
                 }
-                let reason = format!(
+                let mut reason = format!(
                     "only {} of the {} sites needed answered before the deadline",
                     self.results.len(),
                     self.cfg.min_sites
                 );
+                if !declined.is_empty() {
+                    let d: Vec<String> = declined.iter().map(|(s, why)| format!("{s} ({why})")).collect();
+                    reason.push_str(&format!("; declined by site policy: {}", d.join(", ")));
+                }
                 self.results.clear();
                 self.task = None;
                 self.phase = Phase::WaitingForSites;
@@ -399,7 +506,8 @@ impl Coordinator {
                 if all_answered || rest_gone || deadline_passed {
                     self.deadline = None;
                     let reported: BTreeSet<String> = self.results.keys().cloned().collect();
-                    let missing: BTreeSet<String> = pending.into_iter().cloned().collect();
+                    let mut missing: BTreeSet<String> = pending.into_iter().cloned().collect();
+                    missing.extend(std::mem::take(&mut self.declined).into_keys());
                     self.results.clear();
                     let mut actions = vec![Action::EvaluationDone { task, reported, missing }];
                     actions.extend(self.after_evaluation(now));
@@ -581,6 +689,72 @@ mod tests {
             [Action::Aggregate { results, failures, .. }] => {
                 assert_eq!(results.len(), 1);
                 assert_eq!(failures.get("b").map(String::as_str), Some("disconnected"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_declined_task_closes_without_the_site_and_is_recorded_as_its_failure() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new(cfg(3, 1), 0);
+        c.sites_changed(set(&["a", "b"]), t0);
+        assert!(c.submission_accepted("a", TaskKind::Train, "r1a1", res(1), t0).unwrap().is_empty());
+        let a = c.site_declined("b", "r1a1", "max_rounds: round 1 is past the limit", t0).unwrap();
+        match &a[..] {
+            [Action::Aggregate { results, failures, .. }] => {
+                assert_eq!(results.keys().collect::<Vec<_>>(), ["a"]);
+                assert_eq!(
+                    failures.get("b").map(String::as_str),
+                    Some("declined: max_rounds: round 1 is past the limit")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Declining twice, or after answering, or for another task, is refused.
+        let t = announced(&c.round_committed(1, t0));
+        assert_eq!(t.id, "r2a2");
+        c.site_declined("b", "r2a2", "x", t0).unwrap();
+        assert_eq!(c.answered().collect::<Vec<_>>(), ["b"], "a declined site is not sent the task again");
+        assert_eq!(c.site_declined("b", "r2a2", "x", t0), Err(Refusal::Duplicate { task: "r2a2".into() }));
+        assert_eq!(
+            c.check_submission("b", TaskKind::Train, "r2a2"),
+            Err(Refusal::Duplicate { task: "r2a2".into() }),
+            "no update after declining"
+        );
+        assert!(matches!(c.site_declined("a", "r1a1", "x", t0), Err(Refusal::Stale { .. })));
+        assert_eq!(c.site_declined("z", "r2a2", "x", t0), Err(Refusal::NotSelected { task: "r2a2".into() }));
+    }
+
+    #[test]
+    fn declines_below_quorum_wait_for_the_deadline_then_retry() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new(cfg(3, 2), 0);
+        c.sites_changed(set(&["a", "b"]), t0);
+        c.submission_accepted("a", TaskKind::Train, "r1a1", res(1), t0).unwrap();
+        assert!(c.site_declined("b", "r1a1", "require_dp", t0).unwrap().is_empty(), "no hot retry loop");
+        assert_eq!(c.phase(), Phase::Training);
+        let a = c.tick(t0 + Duration::from_secs(11));
+        match &a[0] {
+            Action::Discard { reason, .. } => {
+                assert!(reason.contains("declined by site policy: b (require_dp)"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let t = announced(&a);
+        assert_eq!(t.id, "r1a2");
+        assert!(c.declined().is_empty(), "the retry asks every site again");
+        // Declined evaluations close the task and count as missing.
+        let mut c = Coordinator::new(cfg(1, 1), 0);
+        c.sites_changed(set(&["a", "b"]), t0);
+        c.submission_accepted("a", TaskKind::Train, "r1a1", res(1), t0).unwrap();
+        c.submission_accepted("b", TaskKind::Train, "r1a1", res(1), t0).unwrap();
+        announced(&c.round_committed(1, t0));
+        c.submission_accepted("a", TaskKind::Evaluate, "e1a2", res(1), t0).unwrap();
+        let a = c.site_declined("b", "e1a2", "min_group_size", t0).unwrap();
+        match &a[..] {
+            [Action::EvaluationDone { reported, missing, .. }, Action::Finish { .. }] => {
+                assert_eq!((reported, missing), (&set(&["a"]), &set(&["b"])));
             }
             other => panic!("{other:?}"),
         }

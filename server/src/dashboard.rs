@@ -443,8 +443,9 @@ async fn metrics(State(st): State<AppState>) -> Response {
 
 /// Everything the page draws: `status` (exactly `/api/status`), what each site announced at join,
 /// each committed round with every site's training loss, the evaluation reports (AUC, C-index, …
-/// per site and round), the event log, and the panels not filled in this version (`cross_center`,
-/// `privacy`: `null` = not available yet).
+/// per site and round), the event log, secure aggregation and DP (`privacy`, as in the status;
+/// `null` when the study uses neither), and the panels not filled in this version (`cross_center`:
+/// `null` = not available yet).
 pub fn dashboard_json(shared: &Shared) -> serde_json::Value {
     use serde_json::json;
     let status = status_json(&status_reply(shared));
@@ -453,6 +454,7 @@ pub fn dashboard_json(shared: &Shared) -> serde_json::Value {
         let infos = lock(&shared.sites);
         shared
             .allowed
+            .sites()
             .iter()
             .map(|s| {
                 let i = infos.get(s).cloned().unwrap_or_default();
@@ -491,9 +493,13 @@ pub fn dashboard_json(shared: &Shared) -> serde_json::Value {
                 "duration_s": r.duration_s,
                 "aggregate_s": r.aggregate_s,
                 "committed_unix": r.committed_unix,
+                "secure_aggregation": r.secure_aggregation,
+                "epsilon": r.epsilon,
             })
         })
         .collect();
+    // Pooled AUC per evaluation task, from the sites' score histograms.
+    let pooled_evaluations = crate::evaluation::pooled_aucs(&evaluations);
     let evaluations: Vec<serde_json::Value> = evaluations
         .iter()
         .map(|e| {
@@ -513,9 +519,15 @@ pub fn dashboard_json(shared: &Shared) -> serde_json::Value {
         "sites": sites,
         "rounds": rounds,
         "evaluations": evaluations,
+        "pooled_evaluations": pooled_evaluations,
         "events": shared.events.recent(),
         "cross_center": serde_json::Value::Null,
-        "privacy": serde_json::Value::Null,
+        // Secure aggregation and DP (ε spent, budget, last aborted attempt); null when neither is on.
+        "privacy": if f.secure_aggregation || f.dp.is_some() {
+            crate::privacy::status_json(Some(&crate::privacy::status(shared)))
+        } else {
+            serde_json::Value::Null
+        },
         "store_error": store_error,
         "generated_unix": now_unix(),
     })
@@ -565,6 +577,8 @@ mod tests {
             task_started: Mutex::new(None),
             metrics: Default::default(),
             events: Default::default(),
+            audit: Default::default(),
+            joins: Default::default(),
             shutdown: Default::default(),
             tracker: Default::default(),
         })
@@ -677,6 +691,7 @@ mod tests {
             site: "b".into(),
             samples: 30,
             metrics: vec![("auc".into(), 0.75), ("c_index".into(), 0.66)],
+            summary: None,
         };
         sh.store.lock().unwrap().record_evaluation(&ev).unwrap();
         sh.refused(Some("b"), RefusalReason::Duplicate, "a second update for r1a1");

@@ -1,7 +1,7 @@
 //! The server's recent events (sites connecting and leaving, tasks announced, rounds committed or
-//! retried, refusals, evaluations), kept in memory for the dashboard's event log. Bounded: the
-//! oldest event goes when a new one comes past [`EventLog::CAPACITY`]. Nothing here is durable;
-//! the round records in the store are.
+//! retried, refusals, tasks declined by a site's policy, evaluations), kept in memory for the
+//! dashboard's event log. Bounded: the oldest event goes when a new one comes past
+//! [`EventLog::CAPACITY`]. Nothing here is durable; the round records in the store are.
 //!
 //! Messages carry site ids, round and task ids and protocol reasons only, never a patient-level
 //! value (no site sends one).
@@ -25,10 +25,14 @@ pub enum EventKind {
     Retry,
     /// A request was refused.
     Refusal,
+    /// A site declined a task under its own site policy (the rule and the site's reason).
+    Declined,
     /// An evaluation task closed.
     Evaluation,
     /// The run finished.
     Run,
+    /// The study lead's admin command (start, pause, resume, abort, allow, disallow, export).
+    Admin,
 }
 
 /// One entry of the event log.

@@ -8,13 +8,26 @@
 //! - [`listener`]: TLS 1.3 accept loop with client-certificate and revocation checks.
 //! - [`dashboard`]: the study lead's web page, its JSON and `/metrics` ([`metrics`]), over HTTPS on
 //!   a port of its own; [`events`] keeps the recent events it shows.
+//! - [`audit`]: the hash-chained audit log of messages carrying task data; [`ratelimit`]: the
+//!   per-site join limit.
+//! - [`admin`]: the study lead's commands (start, pause, resume, abort, allow-list, export) over
+//!   the `Admin` RPCs; [`allow_list`]: the sites that may join, with the study lead's changes.
+//! - [`privacy`]: secure aggregation and DP settings at start, ε per round, their status;
+//!   [`secure_sum`]: the decoded sum of a round's masked updates, handed to the strategy.
 //! - [`run`]: wires them together; the caller binds the listener and owns shutdown.
 
+pub mod admin;
+pub mod allow_list;
+pub mod audit;
 pub mod coordinator;
 pub mod dashboard;
+pub mod evaluation;
 pub mod events;
 pub mod listener;
 pub mod metrics;
+pub mod privacy;
+pub mod ratelimit;
+pub mod secure_sum;
 pub mod service;
 pub mod state;
 pub mod store;
@@ -54,6 +67,8 @@ pub enum ServerError {
     Io(String),
     #[error("aggregation strategy: {0}")]
     Strategy(#[from] StrategyError),
+    #[error("{0}")]
+    Audit(#[from] fedhcc_secure::audit::AuditError),
 }
 
 /// How long shutdown waits for open connections and tasks.
@@ -72,6 +87,8 @@ pub struct ServerOptions {
 #[derive(Clone, Debug)]
 pub struct RunOutcome {
     pub finished: bool,
+    /// The study lead aborted the run (`fedhcc admin abort`): the last committed model is final.
+    pub aborted: bool,
     pub rounds_completed: u32,
     pub final_checkpoint: PathBuf,
     pub final_sha256: String,
@@ -127,8 +144,12 @@ pub async fn run_with_dashboard(
     std::fs::create_dir_all(&state_dir).map_err(|e| ServerError::Io(format!("{}: {e}", state_dir.display())))?;
     let run_id = study.run_id.clone();
     let store = Store::open(&state_dir, &run_id)?;
+    let audit = audit::ServerAudit::open(&state_dir)?;
     store.check_identity(&study.study_id, &initial_model.fingerprint().to_hex())?;
     store.check_strategy(&description)?;
+    // Secure aggregation and DP keep their settings for the whole run; the ε budget may end it early.
+    let rounds_to_run = privacy::check_at_start(&study, &store, config.allowed_sites.len())?;
+    store.init_admin()?;
     // The strategy's carried state (a server optimizer's moments) as of the last committed round.
     let strategy = strategy_at_last_round(&study, &store)?;
     tracing::info!(strategy = %description, "aggregation strategy");
@@ -162,20 +183,28 @@ pub async fn run_with_dashboard(
 
     let coord = Coordinator::new(
         CoordinatorConfig {
-            rounds: study.federation.rounds,
+            rounds: rounds_to_run,
             min_sites: study.federation.min_sites,
             round_timeout: Duration::from_secs(study.federation.round_timeout_s),
             evaluate_every: study.federation.evaluate_every,
             statistics,
         },
         completed,
-    );
+    )
+    .with_control(admin::initial_control(&store, study.federation.start, completed)?);
+    let allowed = allow_list::AllowList::new(config.allowed_sites.iter().cloned(), &store.site_access()?);
+    let mut coord = coord;
+    if let Some(p) = fedhcc_core::privacy::secure_aggregation_params(&study.federation) {
+        // The key exchange closes by half the round timeout at the latest, leaving the rest to train.
+        let round = Duration::from_secs(study.federation.round_timeout_s);
+        coord.enable_secure_aggregation(Duration::from_secs(p.key_timeout_s).min(round / 2));
+    }
     let already_finished = coord.phase() == Phase::Finished;
     let (jobs_tx, jobs_rx) = mpsc::channel(64);
     let inner = shutdown.child_token();
     let (announce, _) = watch::channel(Announcement { task: None, finished: already_finished.then_some(completed) });
     let shared = Arc::new(Shared {
-        allowed: config.allowed_sites.iter().cloned().collect(),
+        allowed,
         study,
         coord: Mutex::new(coord),
         global: RwLock::new(Some(Arc::new(global))),
@@ -190,6 +219,8 @@ pub async fn run_with_dashboard(
         task_started: Mutex::new(None),
         metrics: Default::default(),
         events: Default::default(),
+        audit,
+        joins: Default::default(),
         shutdown: inner.clone(),
         tracker: TaskTracker::new(),
     });
@@ -219,6 +250,11 @@ pub async fn run_with_dashboard(
                 .max_decoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES),
         )
+        .add_service(
+            pb::admin_server::AdminServer::new(admin::AdminService::new(Arc::clone(&shared)))
+                .max_decoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(fedhcc_proto::MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(conn_rx),
             inner.clone().cancelled_owned(),
@@ -242,9 +278,13 @@ pub async fn run_with_dashboard(
     }
     served?;
     let g = shared.global();
-    let completed = lock(&shared.coord).completed_rounds();
+    let (completed, aborted) = {
+        let c = lock(&shared.coord);
+        (c.completed_rounds(), c.control() == coordinator::RunControl::Aborted)
+    };
     Ok(RunOutcome {
         finished,
+        aborted,
         rounds_completed: completed,
         final_checkpoint: g.as_ref().map(|g| g.path.clone()).unwrap_or_default(),
         final_sha256: g.map(|g| g.sha256.clone()).unwrap_or_default(),
@@ -398,7 +438,27 @@ async fn drive(
 /// Carries out one driver action. Returns true when the run is finished.
 async fn handle_action(shared: &Arc<Shared>, action: Action, strategy: &mut Box<dyn Strategy>, keep: usize) -> bool {
     match action {
-        Action::Announce(_) => false,
+        Action::Announce(_) | Action::RosterFixed(_) => false,
+        Action::SecureAggregationAborted { task, reason } => {
+            tracing::warn!(
+                task = %task.id,
+                round = task.round,
+                %reason,
+                "secure aggregation attempt aborted; the round restarts with fresh keys"
+            );
+            shared.metrics.round_retried();
+            shared.events.push(
+                EventKind::Retry,
+                None,
+                format!(
+                    "round {}: secure aggregation attempt {} aborted ({reason}); restarted with fresh keys and a new \
+                     task id",
+                    task.round, task.id
+                ),
+            );
+            let _ = tokio::fs::remove_dir_all(shared.spool_dir.join(&task.id)).await;
+            false
+        }
         Action::Discard { task, reason } => {
             tracing::warn!(task = %task.id, %reason, "round closed without enough updates; it will be retried");
             shared.metrics.round_retried();
@@ -455,11 +515,44 @@ async fn handle_action(shared: &Arc<Shared>, action: Action, strategy: &mut Box<
                     list(&missing)
                 ),
             );
+            // Written before the next action (the run's end), so the report exists when it finishes.
+            let (store, study) = (Arc::clone(&shared.store), shared.study.clone());
+            let state_dir = shared.spool_dir.parent().map(Path::to_path_buf).unwrap_or_default();
+            let written = tokio::task::spawn_blocking(move || {
+                let records = lock(&store).evaluations().map_err(|e| e.to_string())?;
+                evaluation::write_report(&state_dir, &study, &task.id, task.round, &records, &missing)
+            })
+            .await;
+            match written {
+                Ok(Ok(path)) => tracing::info!(report = %path.display(), "evaluation report written"),
+                Ok(Err(e)) => tracing::error!(error = %e, "the evaluation report could not be written"),
+                Err(e) => tracing::error!(error = %e, "writing the evaluation report failed"),
+            }
             false
         }
         Action::Finish { rounds_completed } => {
             tracing::info!(rounds_completed, "run finished");
             shared.events.push(EventKind::Run, None, format!("run finished after {rounds_completed} rounds"));
+            shared.announce.send_modify(|a| {
+                a.task = None;
+                a.finished = Some(rounds_completed);
+            });
+            true
+        }
+        Action::Abort { task, rounds_completed } => {
+            if let Some(t) = &task {
+                let _ = tokio::fs::remove_dir_all(shared.spool_dir.join(&t.id)).await;
+            }
+            let dropped = task.map(|t| format!("; task {} was dropped", t.id)).unwrap_or_default();
+            tracing::warn!(rounds_completed, "run aborted by the study lead{dropped}");
+            shared.events.push(
+                EventKind::Run,
+                None,
+                format!(
+                    "run aborted by the study lead after {rounds_completed} committed rounds{dropped}; the model of \
+                     round {rounds_completed} is final"
+                ),
+            );
             shared.announce.send_modify(|a| {
                 a.task = None;
                 a.finished = Some(rounds_completed);
@@ -479,10 +572,11 @@ async fn handle_action(shared: &Arc<Shared>, action: Action, strategy: &mut Box<
             let spool = shared.spool_dir.join(&task.id);
             let store = Arc::clone(&shared.store);
             let (res_c, fail_c, task_c) = (results.clone(), failures.clone(), task.clone());
+            let study = shared.study.clone();
             let mut strat = std::mem::replace(strategy, Box::new(FedAvg));
             let kept_global = Arc::clone(&global);
             let joined = tokio::task::spawn_blocking(move || {
-                let r = aggregate_round(&store, &global, &spool, &task_c, &res_c, &fail_c, strat.as_mut());
+                let r = aggregate_round(&store, &study, &global, &spool, &task_c, &res_c, &fail_c, strat.as_mut());
                 (r, strat, global)
             })
             .await;
@@ -520,6 +614,8 @@ async fn handle_action(shared: &Arc<Shared>, action: Action, strategy: &mut Box<
                         committed_unix: state::now_unix(),
                         strategy_state: state_file.as_ref().map(|(p, _)| p.clone()),
                         strategy_state_sha256: state_file.map(|(_, sha)| sha),
+                        secure_aggregation: task.roster.is_some(),
+                        epsilon: privacy::epsilon_for_round(&shared.study, task.round),
                     };
                     let store = Arc::clone(&shared.store);
                     let rec = record.clone();
@@ -676,8 +772,10 @@ impl UpdateBlocks for SpoolBlocks<'_> {
 /// the seconds aggregation and writing took.
 type AggregateResult = Result<(GlobalModel, Option<(String, String)>, f64), ServerError>;
 
+#[allow(clippy::too_many_arguments)]
 fn aggregate_round(
     store: &Mutex<Store>,
+    study: &StudyConfig,
     global: &GlobalModel,
     spool: &Path,
     task: &coordinator::Task,
@@ -691,13 +789,25 @@ fn aggregate_round(
         std::fs::File::open(&global.path).map_err(|e| ServerError::Io(format!("{}: {e}", global.path.display())))?;
     let params = ParameterSet::read_from(&mut std::io::BufReader::new(&mut file))
         .map_err(|e| ServerError::Model(format!("{}: {e}", global.path.display())))?;
-    // Fixed order: BTreeMap iterates by site id.
-    let mut sources: Vec<SpoolFile> = results
-        .iter()
-        .map(|(site, r)| SpoolFile { site: site.clone(), samples: r.samples, path: spool.join(format!("{site}.upd")) })
-        .collect();
-    let mut refs: Vec<&mut dyn UpdateSource> = sources.iter_mut().map(|s| s as &mut dyn UpdateSource).collect();
-    let next = strategy.aggregate(params, &mut refs, failures).map_err(|e| ServerError::Model(e.to_string()))?;
+    let next = if task.roster.is_some() {
+        // Secure aggregation: one update, the decoded weighted mean of the roster's masked updates.
+        let mut sum = secure_sum::SecureSum::fold(study, task, results, spool, params.layout())
+            .map_err(|e| ServerError::Model(e.to_string()))?;
+        strategy.aggregate(params, &mut [&mut sum], failures)
+    } else {
+        // Fixed order: BTreeMap iterates by site id.
+        let mut sources: Vec<SpoolFile> = results
+            .iter()
+            .map(|(site, r)| SpoolFile {
+                site: site.clone(),
+                samples: r.samples,
+                path: spool.join(format!("{site}.upd")),
+            })
+            .collect();
+        let mut refs: Vec<&mut dyn UpdateSource> = sources.iter_mut().map(|s| s as &mut dyn UpdateSource).collect();
+        strategy.aggregate(params, &mut refs, failures)
+    }
+    .map_err(|e| ServerError::Model(e.to_string()))?;
     let (path, sha, bytes) = lock(store).write_checkpoint(task.round, &next)?;
     let state_file = match strategy.state() {
         Some(st) => {
@@ -727,6 +837,7 @@ pub fn status_reply(shared: &Shared) -> pb::StatusReply {
         let infos = lock(&shared.sites);
         shared
             .allowed
+            .sites()
             .iter()
             .map(|s| {
                 let i = infos.get(s).cloned().unwrap_or_default();
@@ -737,6 +848,7 @@ pub fn status_reply(shared: &Shared) -> pb::StatusReply {
                     rounds_contributed: i.rounds_contributed,
                     last_refusal: i.last_refusal,
                     selected: selected.contains(s),
+                    policy_refusal: i.policy_refusal,
                 }
             })
             .collect()
@@ -759,6 +871,8 @@ pub fn status_reply(shared: &Shared) -> pb::StatusReply {
                 bytes_in: r.bytes_in,
                 bytes_out: r.bytes_out,
                 checkpoint_sha256: r.checkpoint_sha256,
+                secure_aggregation: r.secure_aggregation,
+                epsilon: r.epsilon,
             }
         })
         .collect();
@@ -772,6 +886,8 @@ pub fn status_reply(shared: &Shared) -> pb::StatusReply {
         sites,
         rounds,
         model_fingerprint: shared.global().map(|g| g.fingerprint().to_hex()).unwrap_or_default(),
+        admin: Some(admin::admin_view(shared)),
+        privacy: Some(privacy::status(shared)),
     }
 }
 
@@ -783,15 +899,18 @@ pub fn status_json(reply: &pb::StatusReply) -> serde_json::Value {
         "study_id": reply.study_id, "run_id": reply.run_id, "phase": reply.phase,
         "current_round": reply.current_round, "total_rounds": reply.total_rounds, "attempt": reply.attempt,
         "model_fingerprint": reply.model_fingerprint,
+        "admin": admin::admin_json(reply.admin.as_ref()),
+        "privacy": privacy::status_json(reply.privacy.as_ref()),
         "sites": reply.sites.iter().map(|s| serde_json::json!({
             "site_id": s.site_id, "connected": s.connected, "last_seen_unix": s.last_seen_unix,
             "rounds_contributed": s.rounds_contributed, "last_refusal": s.last_refusal,
-            "selected": s.selected})).collect::<Vec<_>>(),
+            "selected": s.selected, "policy_refusal": s.policy_refusal})).collect::<Vec<_>>(),
         "rounds": reply.rounds.iter().map(|r| serde_json::json!({
             "round": r.round, "participants": r.participants, "total_samples": r.total_samples,
             "mean_train_loss": if r.mean_train_loss.is_finite() { Some(r.mean_train_loss) } else { None },
             "duration_s": r.duration_s, "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
-            "checkpoint_sha256": r.checkpoint_sha256})).collect::<Vec<_>>(),
+            "checkpoint_sha256": r.checkpoint_sha256, "secure_aggregation": r.secure_aggregation,
+            "epsilon": r.epsilon})).collect::<Vec<_>>(),
     })
 }
 

@@ -14,6 +14,7 @@
 //! | `fedhcc_received_bytes_total`, `fedhcc_sent_bytes_total` | counter | model bytes uploaded by / sent to sites |
 //! | `fedhcc_connected_sites`, `fedhcc_allowed_sites` | gauge | sites with an open task stream; the allow-list |
 //! | `fedhcc_refused_requests_total{reason}` | counter | refused requests, by [`RefusalReason`] |
+//! | `fedhcc_declined_tasks_total` | counter | tasks sites declined under their own site policy |
 //!
 //! Counters start from zero when the server starts (except the rounds, which come from the store).
 //! Every label value comes from a fixed list or a validated id, so the number of series is bounded.
@@ -46,13 +47,15 @@ pub enum RefusalReason {
     NotAdmin,
     /// A certificate of another study, or without fedhcc's subject fields.
     BadCertificate,
+    /// A site joined faster than its rate limit allows ([`crate::ratelimit`]).
+    RateLimited,
     /// Anything else.
     Other,
 }
 
 impl RefusalReason {
     /// Every reason, in label order.
-    pub const ALL: [RefusalReason; 10] = [
+    pub const ALL: [RefusalReason; 11] = [
         RefusalReason::BadCertificate,
         RefusalReason::Checksum,
         RefusalReason::Duplicate,
@@ -62,6 +65,7 @@ impl RefusalReason {
         RefusalReason::NotSelected,
         RefusalReason::Other,
         RefusalReason::Precondition,
+        RefusalReason::RateLimited,
         RefusalReason::Timeout,
     ];
 
@@ -77,6 +81,7 @@ impl RefusalReason {
             RefusalReason::NotAllowed => "not_allowed",
             RefusalReason::NotAdmin => "not_admin",
             RefusalReason::BadCertificate => "bad_certificate",
+            RefusalReason::RateLimited => "rate_limited",
             RefusalReason::Other => "other",
         }
     }
@@ -90,6 +95,7 @@ impl RefusalReason {
             tonic::Code::InvalidArgument | tonic::Code::OutOfRange => RefusalReason::Malformed,
             tonic::Code::DataLoss => RefusalReason::Checksum,
             tonic::Code::DeadlineExceeded => RefusalReason::Timeout,
+            tonic::Code::ResourceExhausted => RefusalReason::RateLimited,
             _ => RefusalReason::Other,
         }
     }
@@ -158,6 +164,7 @@ pub struct Metrics {
     bytes_in_closed: AtomicU64,
     bytes_out_closed: AtomicU64,
     refused: Mutex<BTreeMap<RefusalReason, u64>>,
+    declined: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -169,6 +176,7 @@ impl Default for Metrics {
             bytes_in_closed: AtomicU64::new(0),
             bytes_out_closed: AtomicU64::new(0),
             refused: Mutex::new(BTreeMap::new()),
+            declined: AtomicU64::new(0),
         }
     }
 }
@@ -195,6 +203,16 @@ impl Metrics {
     /// A request was refused.
     pub fn refused(&self, reason: RefusalReason) {
         *lock(&self.refused).entry(reason).or_default() += 1;
+    }
+
+    /// A site declined a task under its own policy.
+    pub fn declined(&self) {
+        self.declined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tasks declined by sites so far.
+    pub fn declines(&self) -> u64 {
+        self.declined.load(Ordering::Relaxed)
     }
 
     /// Refusals so far for `reason`.
@@ -286,6 +304,13 @@ pub fn render(shared: &Shared) -> String {
     for r in RefusalReason::ALL {
         let _ = writeln!(out, "fedhcc_refused_requests_total{{reason=\"{}\"}} {}", r.as_str(), m.refusals(r));
     }
+    sample(
+        &mut out,
+        "fedhcc_declined_tasks_total",
+        "Tasks sites declined under their own site policy.",
+        "counter",
+        m.declines(),
+    );
     out
 }
 

@@ -5,6 +5,7 @@
 //! the request against the coordinator before accepting any payload bytes. A refused request
 //! leaves the round, the model and the database as they were.
 
+use crate::audit::Entry;
 use crate::coordinator::{Refusal, SiteResult, TaskKind, parse_task_id};
 use crate::metrics::RefusalReason;
 use crate::state::{Shared, lock};
@@ -13,7 +14,12 @@ use fedhcc_core::params::{Layout, ParamsError, PayloadReader};
 use fedhcc_core::pki::{PeerIdentity, Role, peer_identity};
 use fedhcc_core::standardisation::{self, GroupSums, MIN_CELL};
 use fedhcc_proto as pb;
-use fedhcc_proto::{MAX_CHUNK_BYTES, MAX_METRICS, MAX_STAT_COLUMNS, MAX_STAT_GROUPS, MAX_STRING_LEN};
+use fedhcc_proto::{
+    MAX_CHUNK_BYTES, MAX_METRICS, MAX_REFUSAL_MESSAGE_LEN, MAX_RULE_LEN, MAX_SAMPLES, MAX_STAT_COLUMNS,
+    MAX_STAT_GROUPS, MAX_STRING_LEN,
+};
+use fedhcc_secure::audit::Direction;
+use fedhcc_secure::policy::PolicyRule;
 use sha2::{Digest, Sha256};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +30,9 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+
+mod secagg;
+pub(crate) use secagg::roster as secagg_roster;
 
 /// How often a waiting site hears from the server.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -41,17 +50,78 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 fn refusal_status(r: &Refusal) -> Status {
     let msg = r.to_string();
     match r {
-        Refusal::Stale { .. } | Refusal::Future { .. } | Refusal::WrongPhase { .. } => Status::failed_precondition(msg),
+        Refusal::Stale { .. } | Refusal::Future { .. } | Refusal::WrongPhase { .. } | Refusal::KeyExchange { .. } => {
+            Status::failed_precondition(msg)
+        }
         Refusal::Duplicate { .. } => Status::already_exists(msg),
         Refusal::NotSelected { .. } => Status::permission_denied(msg),
     }
 }
 
 fn check_str(field: &str, s: &str) -> Result<(), Status> {
-    if s.len() > MAX_STRING_LEN {
-        return Err(Status::invalid_argument(format!("{field} is {} bytes long (at most {MAX_STRING_LEN})", s.len())));
+    check_text(field, s, MAX_STRING_LEN)
+}
+
+/// A string from a request: at most `max` bytes and no control characters (it may end up in a log
+/// line, the event log or the status view).
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming `field`.
+pub fn check_text(field: &str, s: &str, max: usize) -> Result<(), Status> {
+    if s.len() > max {
+        return Err(Status::invalid_argument(format!("{field} is {} bytes long (at most {max})", s.len())));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!("{field} contains control characters")));
     }
     Ok(())
+}
+
+/// A sample count from a request: at most [`MAX_SAMPLES`].
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming `field`.
+pub fn check_samples(field: &str, n: u64) -> Result<(), Status> {
+    if n > MAX_SAMPLES {
+        return Err(Status::invalid_argument(format!("{field} = {n} (at most {MAX_SAMPLES})")));
+    }
+    Ok(())
+}
+
+/// The 32 bytes of a SHA-256 given in hex (already checked, or computed by the server).
+fn sha_bytes(hex_digest: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    // A malformed digest cannot reach here (checked or computed); zeros would show it in the log.
+    if let Ok(b) = hex::decode(hex_digest)
+        && b.len() == 32
+    {
+        out.copy_from_slice(&b);
+    }
+    out
+}
+
+/// The audit entry of a request or event message: its encoded length and SHA-256.
+fn message_entry(
+    direction: Direction,
+    site: &str,
+    task: Option<&pb::TaskRef>,
+    kind: &'static str,
+    m: &impl prost::Message,
+) -> Entry {
+    let (task_id, round) = task.map(|t| (t.task_id.as_str(), t.round)).unwrap_or(("", 0));
+    Entry::of_bytes(direction, site, task_id, round, kind, &m.encode_to_vec())
+}
+
+/// The audit kind and task reference of a task event.
+fn event_audit(ev: &pb::TaskEvent) -> Option<(&'static str, Option<&pb::TaskRef>)> {
+    use pb::task_event::Event;
+    Some(match ev.event.as_ref()? {
+        Event::Train(t) => ("task_train", t.task.as_ref()),
+        Event::Evaluate(t) => ("task_evaluate", t.task.as_ref()),
+        Event::Statistics(t) => ("task_statistics", t.task.as_ref()),
+        Event::Finished(_) => ("finished", None),
+        Event::Heartbeat(_) => return None,
+    })
 }
 
 impl FederationService {
@@ -154,6 +224,13 @@ impl FederationService {
                 prox_mu: t.prox_mu,
                 seed: t.seed.wrapping_add(u64::from(task.round)),
                 total_rounds: self.shared.study.federation.rounds,
+                // What a site's policy checks: the study's protection of the update.
+                secure_aggregation: self.shared.study.federation.secure_aggregation,
+                dp_noise_multiplier: self.shared.study.federation.dp.as_ref().map_or(0.0, |d| d.noise_multiplier),
+                dp_delta: self.shared.study.federation.dp.as_ref().map_or(0.0, |d| d.delta),
+                // How the sites encode (and, under DP, clip) the update before masking it.
+                fixed_point: secagg::fixed_point_params(&self.shared.study),
+                dp_l2_clip: self.shared.study.federation.dp.as_ref().map_or(0.0, |d| d.l2_clip),
             }),
             TaskKind::Statistics => pb::task_event::Event::Statistics(pb::StatisticsTask {
                 task: Some(tref),
@@ -175,10 +252,22 @@ impl FederationService {
 impl pb::federation_server::Federation for FederationService {
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let site = self.site(&req)?;
+        if let Err(wait) = self.shared.joins.allow(&site, Instant::now()) {
+            return Err(self.refuse(
+                &site,
+                Status::resource_exhausted(format!(
+                    "site '{site}' joined too often; try again in {:.0} s",
+                    wait.as_secs_f64().ceil()
+                )),
+            ));
+        }
         let r = req.into_inner();
-        check_str("study_id", &r.study_id)?;
-        check_str("model_fingerprint", &r.model_fingerprint)?;
-        check_str("client_version", &r.client_version)?;
+        self.shared.audit.record(message_entry(Direction::Received, &site, None, "join", &r)).await;
+        let checked = check_str("study_id", &r.study_id)
+            .and_then(|()| check_str("model_fingerprint", &r.model_fingerprint))
+            .and_then(|()| check_str("client_version", &r.client_version))
+            .and_then(|()| check_samples("num_samples", r.num_samples));
+        checked.map_err(|s| self.refuse(&site, s))?;
         if r.study_id != self.shared.study.study_id {
             return Err(self.refuse(
                 &site,
@@ -218,6 +307,9 @@ impl pb::federation_server::Federation for FederationService {
     async fn wait_task(&self, req: Request<pb::WaitTaskRequest>) -> Result<Response<Self::WaitTaskStream>, Status> {
         let site = self.site(&req)?;
         let r = req.into_inner();
+        check_str("study_id", &r.study_id)
+            .and_then(|()| check_str("run_id", &r.run_id))
+            .map_err(|s| self.refuse(&site, s))?;
         if r.study_id != self.shared.study.study_id || r.run_id != self.shared.study.run_id {
             return Err(self.refuse(
                 &site,
@@ -239,11 +331,23 @@ impl pb::federation_server::Federation for FederationService {
             heartbeat.tick().await;
             loop {
                 ann_rx.borrow_and_update();
+                if !svc.shared.allowed.contains(&site) {
+                    // The study lead removed the site (`fedhcc admin disallow`): its stream ends.
+                    let msg = format!("site '{site}' was removed from this study's allow-list by the study lead");
+                    svc.shared.refused(Some(&site), RefusalReason::NotAllowed, &msg);
+                    // Not awaited: a site that stopped reading must not hold this task.
+                    let _ = tx.try_send(Err(Status::permission_denied(msg)));
+                    break;
+                }
                 if let Some((id, ev)) = svc.task_event(&site)
                     && last_sent.as_deref() != Some(id.as_str())
                 {
+                    let entry = event_audit(&ev).map(|(kind, t)| message_entry(Direction::Sent, &site, t, kind, &ev));
                     if tx.send(Ok(ev)).await.is_err() {
                         break;
+                    }
+                    if let Some(entry) = entry {
+                        svc.shared.audit.record(entry).await;
                     }
                     last_sent = Some(id);
                 }
@@ -293,6 +397,15 @@ impl pb::federation_server::Federation for FederationService {
             })),
         };
         let shared = Arc::clone(&self.shared);
+        let sent = Entry {
+            direction: Direction::Sent,
+            peer: site,
+            task: t.task_id.clone(),
+            round: t.round,
+            kind: "model",
+            bytes: g.bytes,
+            sha256: sha_bytes(&g.sha256),
+        };
         self.shared.tracker.spawn(async move {
             if tx.send(Ok(header)).await.is_err() {
                 return;
@@ -312,6 +425,7 @@ impl pb::federation_server::Federation for FederationService {
                     return;
                 }
             }
+            shared.audit.record(sent).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -330,7 +444,11 @@ impl pb::federation_server::Federation for FederationService {
         let site = self.site(&req)?;
         let r = req.into_inner();
         let t = self.check_task_ref(r.task.as_ref()).map_err(|s| self.refuse(&site, s))?;
+        self.shared.audit.record(message_entry(Direction::Received, &site, Some(&t), "evaluation", &r)).await;
+        check_samples("num_samples", r.num_samples).map_err(|s| self.refuse(&site, s))?;
         let metrics = check_metrics(&r.metrics).map_err(|s| self.refuse(&site, s))?;
+        let summary = crate::evaluation::decode_summary(&self.shared.study, &r.summary)
+            .map_err(|e| self.refuse(&site, Status::invalid_argument(e.to_string())))?;
         lock(&self.shared.coord)
             .check_submission(&site, TaskKind::Evaluate, &t.task_id)
             .map_err(|r| self.refuse(&site, refusal_status(&r)))?;
@@ -340,6 +458,7 @@ impl pb::federation_server::Federation for FederationService {
             site: site.clone(),
             samples: r.num_samples,
             metrics: metrics.clone(),
+            summary,
         };
         let store = Arc::clone(&self.shared.store);
         let actions = {
@@ -363,6 +482,7 @@ impl pb::federation_server::Federation for FederationService {
         let site = self.site(&req)?;
         let r = req.into_inner();
         let t = self.check_task_ref(r.task.as_ref()).map_err(|s| self.refuse(&site, s))?;
+        self.shared.audit.record(message_entry(Direction::Received, &site, Some(&t), "statistics", &r)).await;
         lock(&self.shared.coord)
             .check_submission(&site, TaskKind::Statistics, &t.task_id)
             .map_err(|r| self.refuse(&site, refusal_status(&r)))?;
@@ -399,6 +519,35 @@ impl pb::federation_server::Federation for FederationService {
         Ok(Response::new(pb::Ack { message: format!("statistics for {} recorded", t.task_id) }))
     }
 
+    async fn refuse_task(&self, req: Request<pb::TaskRefusal>) -> Result<Response<pb::Ack>, Status> {
+        let site = self.site(&req)?;
+        let r = req.into_inner();
+        let t = self.check_task_ref(r.task.as_ref()).map_err(|s| self.refuse(&site, s))?;
+        self.shared.audit.record(message_entry(Direction::Received, &site, Some(&t), "task_refusal", &r)).await;
+        check_refusal(&r.rule, &r.message).map_err(|s| self.refuse(&site, s))?;
+        let actions = lock(&self.shared.coord)
+            .site_declined(&site, &t.task_id, &format!("{}: {}", r.rule, r.message), Instant::now())
+            .map_err(|refusal| self.refuse(&site, refusal_status(&refusal)))?;
+        tracing::warn!(site, task = %t.task_id, rule = %r.rule, reason = %r.message, "task declined by the site's policy");
+        self.shared.declined(&site, &t.task_id, &r.rule, &r.message);
+        self.shared.apply(actions);
+        Ok(Response::new(pb::Ack { message: format!("{} declined by {site}: noted", t.task_id) }))
+    }
+
+    async fn advertise_key(&self, req: Request<pb::KeyAdvertisement>) -> Result<Response<pb::Ack>, Status> {
+        let site = self.site(&req)?;
+        let r = req.into_inner();
+        self.shared.audit.record(message_entry(Direction::Received, &site, r.task.as_ref(), "key", &r)).await;
+        self.advertise_key_checked(&site, r).await.map_err(|s| self.refuse(&site, s)).map(Response::new)
+    }
+
+    async fn await_roster(&self, req: Request<pb::TaskRef>) -> Result<Response<pb::KeyRoster>, Status> {
+        let site = self.site(&req)?;
+        let roster = self.await_roster_checked(&site, req.into_inner()).await.map_err(|s| self.refuse(&site, s))?;
+        self.shared.audit.record(message_entry(Direction::Sent, &site, roster.task.as_ref(), "roster", &roster)).await;
+        Ok(Response::new(roster))
+    }
+
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         let id = self.identity(&req)?;
         if id.role != Role::Admin {
@@ -420,7 +569,10 @@ impl pb::federation_server::Federation for FederationService {
 
 /// A statistics report's groups, checked: exactly the model's groups with their widths, sane
 /// sums, and no cell below [`MIN_CELL`] (it would reveal a patient's value).
-fn check_statistics(groups: &[pb::FeatureSums], layout: &Layout) -> Result<Vec<GroupSums>, Status> {
+///
+/// # Errors
+/// `INVALID_ARGUMENT` saying which group or column is wrong.
+pub fn check_statistics(groups: &[pb::FeatureSums], layout: &Layout) -> Result<Vec<GroupSums>, Status> {
     if groups.len() > MAX_STAT_GROUPS {
         return Err(Status::invalid_argument(format!(
             "{} statistics groups (at most {MAX_STAT_GROUPS})",
@@ -470,7 +622,40 @@ fn check_statistics(groups: &[pb::FeatureSums], layout: &Layout) -> Result<Vec<G
     Ok(out)
 }
 
-fn check_metrics(ms: &[pb::Metric]) -> Result<Vec<(String, f64)>, Status> {
+/// A task refusal's rule (one of the site-policy rules) and message (bounded text).
+///
+/// # Errors
+/// `INVALID_ARGUMENT` saying what is wrong.
+pub fn check_refusal(rule: &str, message: &str) -> Result<(), Status> {
+    check_text("rule", rule, MAX_RULE_LEN)?;
+    check_text("message", message, MAX_REFUSAL_MESSAGE_LEN)?;
+    const RULES: [PolicyRule; 7] = [
+        PolicyRule::TaskKind,
+        PolicyRule::ModelFingerprint,
+        PolicyRule::MaxRounds,
+        PolicyRule::SecureAggregation,
+        PolicyRule::DifferentialPrivacy,
+        PolicyRule::PrivacyBudget,
+        PolicyRule::MinGroupSize,
+    ];
+    if !RULES.iter().any(|r| r.as_str() == rule) {
+        let known: Vec<&str> = RULES.iter().map(|r| r.as_str()).collect();
+        return Err(Status::invalid_argument(format!(
+            "'{rule}' is not a site-policy rule (one of: {})",
+            known.join(", ")
+        )));
+    }
+    if message.trim().is_empty() {
+        return Err(Status::invalid_argument("a task refusal must say why (message is empty)"));
+    }
+    Ok(())
+}
+
+/// A report's metrics: at most [`MAX_METRICS`], bounded names, finite values.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming the metric.
+pub fn check_metrics(ms: &[pb::Metric]) -> Result<Vec<(String, f64)>, Status> {
     if ms.len() > MAX_METRICS {
         return Err(Status::invalid_argument(format!("{} metrics (at most {MAX_METRICS})", ms.len())));
     }
@@ -496,6 +681,9 @@ impl FederationService {
             return Err(Status::invalid_argument("an upload must start with its header"));
         };
         let t = self.check_task_ref(h.task.as_ref())?;
+        if let secagg::UploadKind::Masked = secagg::upload_kind(&self.shared.study, &h)? {
+            return self.receive_masked(site, stream, h, t).await;
+        }
         check_str("model_fingerprint", &h.model_fingerprint)?;
         check_str("sha256", &h.sha256)?;
         let metrics = check_metrics(&h.metrics)?;
@@ -553,6 +741,14 @@ impl FederationService {
                 let _ = std::fs::remove_file(&part);
                 return Err(refusal_status(&r));
             }
+            if !self.shared.allowed.contains(site) {
+                // Removed from the allow-list while uploading: its update is not used.
+                drop(coord);
+                let _ = std::fs::remove_file(&part);
+                return Err(Status::permission_denied(format!(
+                    "site '{site}' was removed from this study's allow-list by the study lead; the update was not used"
+                )));
+            }
             if let Err(e) = std::fs::rename(&part, &fin) {
                 drop(coord);
                 let _ = std::fs::remove_file(&part);
@@ -567,6 +763,16 @@ impl FederationService {
             info.rounds_contributed += 1;
         }
         tracing::info!(site, task = %t.task_id, bytes, samples = h.num_samples, "update accepted");
+        let entry = Entry {
+            direction: Direction::Received,
+            peer: site.to_string(),
+            task: t.task_id.clone(),
+            round: t.round,
+            kind: "update",
+            bytes,
+            sha256: sha_bytes(&h.sha256),
+        };
+        self.shared.audit.record(entry).await;
         self.shared.apply(actions);
         Ok(pb::UploadReply { accepted: true, message: format!("update for {} accepted", t.task_id) })
     }

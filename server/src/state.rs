@@ -54,13 +54,16 @@ pub struct SiteInfo {
     pub client_version: String,
     /// Training samples the site announced at its last join (its data summary).
     pub samples: u64,
+    /// The last task the site declined under its own policy: `task: rule: message` (empty if none).
+    pub policy_refusal: String,
 }
 
 /// Everything the server's tasks share. Each field says who writes it.
 pub struct Shared {
     pub study: StudyConfig,
-    /// Site ids that may join (read-only after start).
-    pub allowed: BTreeSet<String>,
+    /// Site ids that may join: the configured list with the study lead's changes (written by the
+    /// admin service only).
+    pub allowed: crate::allow_list::AllowList,
     /// Written by handlers (submissions, connections) and the driver (ticks, commits).
     pub coord: Mutex<Coordinator>,
     /// Written by the driver only, after a checkpoint is durable. `None` while aggregating.
@@ -85,6 +88,10 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Recent events for the dashboard; written by handlers and the driver.
     pub events: EventLog,
+    /// `state_dir/audit.jsonl`: messages carrying task data, appended by handlers.
+    pub audit: crate::audit::ServerAudit,
+    /// Per-site join rate limit; taken by `Join`.
+    pub joins: crate::ratelimit::JoinLimiter,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -129,6 +136,22 @@ impl Shared {
                     *lock(&self.task_started) = Some(Instant::now());
                     self.announce.send_modify(|an| an.task = Some(task));
                 }
+                Action::RosterFixed(task) => {
+                    // Sites waiting in AwaitRoster watch the announcement: the task now carries its roster.
+                    let roster: Vec<&str> = task.roster.iter().flat_map(|r| r.keys()).map(String::as_str).collect();
+                    tracing::info!(task = %task.id, round = task.round, ?roster, "secure aggregation: key exchange closed");
+                    self.events.push(
+                        EventKind::Task,
+                        None,
+                        format!(
+                            "round {}: secure-aggregation keys exchanged for task {} by {}",
+                            task.round,
+                            task.id,
+                            roster.join(", ")
+                        ),
+                    );
+                    self.announce.send_modify(|an| an.task = Some(task));
+                }
                 other => {
                     if let Err(e) = self.jobs.try_send(other) {
                         tracing::error!(error = %e, "round driver queue is full; action dropped");
@@ -143,7 +166,7 @@ impl Shared {
     pub fn connected_sites(&self) -> BTreeSet<String> {
         lock(&self.sites)
             .iter()
-            .filter(|(s, i)| i.connections > 0 && self.allowed.contains(*s))
+            .filter(|(s, i)| i.connections > 0 && self.allowed.contains(s))
             .map(|(s, _)| s.clone())
             .collect()
     }
@@ -185,9 +208,23 @@ impl Shared {
     pub fn refused(&self, site: Option<&str>, reason: RefusalReason, why: &str) {
         self.metrics.refused(reason);
         self.events.push(EventKind::Refusal, site, format!("{}: {why}", reason.as_str()));
-        if let Some(s) = site.filter(|s| self.allowed.contains(*s)) {
+        if let Some(s) = site.filter(|s| self.allowed.contains(s)) {
             self.note_refusal(s, why);
         }
+    }
+
+    /// Notes a task the site declined under its own policy: counted for `/metrics`, in the event log
+    /// and kept for the status view (in memory only).
+    pub fn declined(&self, site: &str, task_id: &str, rule: &str, message: &str) {
+        self.metrics.declined();
+        self.events.push(
+            EventKind::Declined,
+            Some(site),
+            format!("task {task_id} declined by the site's policy ({rule}): {message}"),
+        );
+        let mut sites = lock(&self.sites);
+        let info = sites.entry(site.to_string()).or_default();
+        info.policy_refusal = format!("{task_id}: {rule}: {message}").chars().take(300).collect();
     }
 
     /// Notes what a site announced when it joined (client version, training samples).

@@ -13,6 +13,9 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+mod admin;
+pub use admin::AdminActionRecord;
+
 /// A failure of the database or checkpoint files.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,9 +51,16 @@ pub struct RoundRecord {
     pub strategy_state: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy_state_sha256: Option<String>,
+    /// The round's update was securely aggregated: the server decoded only the sum of the sites'
+    /// masked updates (`samples` were sent in the clear).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secure_aggregation: bool,
+    /// Under differential privacy: ε (for the study's δ) after this round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
-/// One site's evaluation report (aggregate metrics).
+/// One site's evaluation report (aggregate metrics, and the site's checked evaluation summary).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EvaluationRecord {
     pub round: u32,
@@ -58,6 +68,9 @@ pub struct EvaluationRecord {
     pub site: String,
     pub samples: u64,
     pub metrics: Vec<(String, f64)>,
+    /// The site's summary (`crate::evaluation`); absent in records from before summaries existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<fedhcc_stats::federated::SiteEvaluation>,
 }
 
 /// The server's database and checkpoint directory.
@@ -96,6 +109,77 @@ impl Store {
         Ok(Self { conn, db_path, checkpoints, run_id: run_id.to_string() })
     }
 
+    /// Opens an existing `state_dir/server.db` for reading only (reports, tools): creates no file,
+    /// folder or table, and never writes, so it is safe beside a running server.
+    ///
+    /// # Errors
+    /// There is no `server.db` in `state_dir`, or it cannot be opened or is not a server database.
+    pub fn open_read_only(state_dir: &Path, run_id: &str) -> Result<Self, StoreError> {
+        use rusqlite::OpenFlags;
+        let db_path = state_dir.join("server.db");
+        if !db_path.is_file() {
+            return Err(StoreError::Inconsistent(format!(
+                "{} has no server.db: it is not a fedhcc server's state folder (the state_dir of server.toml)",
+                state_dir.display()
+            )));
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&db_path, flags)
+            .map_err(|source| StoreError::Db { path: db_path.clone(), source })?;
+        let store = Self { conn, db_path, checkpoints: state_dir.join("checkpoints"), run_id: run_id.to_string() };
+        let tables: i64 = store
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('meta', 'rounds', 'evaluations')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(store.db())?;
+        if tables != 3 {
+            return Err(StoreError::Inconsistent(format!(
+                "{} is not a fedhcc server database (its tables are missing)",
+                store.db_path.display()
+            )));
+        }
+        Ok(store)
+    }
+
+    /// The run ids this database holds (with a recorded identity or a committed round), sorted.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub fn run_ids(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT substr(key, 13) FROM meta WHERE key LIKE 'fingerprint:%' UNION SELECT run_id FROM rounds \
+                 ORDER BY 1",
+            )
+            .map_err(self.db())?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(self.db())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.db())
+    }
+
+    /// The run this store reads and writes.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// The study id and this run's model layout fingerprint, as recorded at the run's first start
+    /// (`None` where not recorded).
+    ///
+    /// # Errors
+    /// Database failure.
+    pub fn identity(&self) -> Result<(Option<String>, Option<String>), StoreError> {
+        let get = |key: &str| {
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get::<_, String>(0))
+                .optional()
+                .map_err(self.db())
+        };
+        Ok((get("study_id")?, get(&format!("fingerprint:{}", self.run_id))?))
+    }
+
     fn db(&self) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
         move |source| StoreError::Db { path: self.db_path.clone(), source }
     }
@@ -130,6 +214,26 @@ impl Store {
             Some(h) => Err(StoreError::Inconsistent(format!(
                 "{}: run {} was started with strategy {h}, but this configuration asks for {description}; a run \
                  keeps its strategy: restore the original [federation] settings or use another run_id",
+                self.db_path.display(),
+                self.run_id
+            ))),
+        }
+    }
+
+    /// Records the run's secure aggregation and DP settings (`description`, e.g.
+    /// `secagg(clip=1, scale=2^37) + dp(σ=1, C=1, δ=1e-5)`) the first time and checks them on every
+    /// later start: ε is accounted from round 1 under one mechanism, and a run must not resume in the
+    /// clear after it promised its sites masking.
+    ///
+    /// # Errors
+    /// The folder's run was made with other privacy settings.
+    pub fn check_privacy(&self, description: &str) -> Result<(), StoreError> {
+        match self.record_or_read(&format!("privacy:{}", self.run_id), description)? {
+            None => Ok(()),
+            Some(h) => Err(StoreError::Inconsistent(format!(
+                "{}: run {} was started with privacy settings {h}, but this configuration has {description}; a run \
+                 keeps its secure aggregation and differential privacy settings (ε counts from round 1): restore \
+                 the original [federation] settings or use another run_id",
                 self.db_path.display(),
                 self.run_id
             ))),
@@ -365,6 +469,8 @@ mod tests {
             committed_unix: 0,
             strategy_state: None,
             strategy_state_sha256: None,
+            secure_aggregation: true,
+            epsilon: Some(1.5),
         };
         s.commit_round(&rec).unwrap();
         assert!(s.commit_round(&rec).is_err(), "a round is committed once");
@@ -376,6 +482,38 @@ mod tests {
     }
 
     #[test]
+    fn read_only_open_creates_nothing_and_reads_runs_and_identity() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = Store::open_read_only(tmp.path(), "run-1").err().unwrap().to_string();
+        assert!(missing.contains("no server.db"), "{missing}");
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing created");
+        fs::write(tmp.path().join("server.db"), b"").unwrap();
+        let empty = Store::open_read_only(tmp.path(), "run-1").err().unwrap().to_string();
+        assert!(empty.contains("not a fedhcc server database"), "{empty}");
+        fs::remove_file(tmp.path().join("server.db")).unwrap();
+        let s = Store::open(tmp.path(), "run-b").unwrap();
+        s.check_identity("study", "fp-b").unwrap();
+        drop(s);
+        let s = Store::open(tmp.path(), "run-a").unwrap();
+        s.check_identity("study", "fp-a").unwrap();
+        drop(s);
+        let r = Store::open_read_only(tmp.path(), "run-a").unwrap();
+        assert_eq!(r.run_ids().unwrap(), vec!["run-a".to_string(), "run-b".to_string()]);
+        assert_eq!(r.identity().unwrap(), (Some("study".into()), Some("fp-a".into())));
+        assert!(
+            r.record_evaluation(&EvaluationRecord {
+                round: 1,
+                task_id: "e1a1".into(),
+                site: "a".into(),
+                samples: 1,
+                metrics: vec![],
+                summary: None,
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
     fn strategy_state_is_hashed_verified_and_pruned_and_the_strategy_is_kept_per_run() {
         let tmp = tempfile::tempdir().unwrap();
         let s = Store::open(tmp.path(), "run-1").unwrap();
@@ -383,6 +521,10 @@ mod tests {
         s.check_strategy("fedadam(lr=0.01)").unwrap();
         let e = s.check_strategy("fedavg").unwrap_err().to_string();
         assert!(e.contains("fedadam(lr=0.01)") && e.contains("fedavg") && e.contains("run_id"), "{e}");
+        s.check_privacy("secagg").unwrap();
+        s.check_privacy("secagg").unwrap();
+        let e = s.check_privacy("none").unwrap_err().to_string();
+        assert!(e.contains("secagg") && e.contains("none") && e.contains("ε counts from round 1"), "{e}");
         let state = ParameterSet::from_tensors(vec![("m".into(), vec![2], vec![0.5, -0.5])]).unwrap();
         let (path, sha, _) = s.write_strategy_state(4, &state).unwrap();
         assert_eq!(path, s.strategy_state_path(4));

@@ -307,6 +307,7 @@ async fn run_one(
             max_backoff: Duration::from_secs(1),
             give_up_after: Some(Duration::from_secs(60)),
             state_dir: None,
+            policy: Default::default(),
         };
         clients.push(tokio::spawn(fedhcc_client::run(opts, executor, token.clone())));
     }

@@ -83,6 +83,7 @@ impl Executor for GatedExecutor {
                 ("auc".into(), 0.6 + 0.08 * r - self.offset),
                 ("c_index".into(), 0.55 + 0.06 * r - self.offset),
             ],
+            summary: None,
         })
     }
 }
@@ -90,12 +91,12 @@ impl Executor for GatedExecutor {
 // ---------------------------------------------------------------------------------------------
 // A server with its dashboard on 127.0.0.1:0.
 
-struct Live {
-    server: TestServer,
-    dashboard: std::net::SocketAddr,
+pub(crate) struct Live {
+    pub(crate) server: TestServer,
+    pub(crate) dashboard: std::net::SocketAddr,
 }
 
-async fn start_with_dashboard(dir: &Path, sites: &[&str], study: StudyConfig) -> Live {
+pub(crate) async fn start_with_dashboard(dir: &Path, sites: &[&str], study: StudyConfig) -> Live {
     make_certs(dir, sites);
     std::fs::write(dir.join("dashboard.token"), format!("{TOKEN}\n")).unwrap();
     std::fs::write(dir.join("study.toml"), toml::to_string(&study).unwrap()).unwrap();
@@ -117,13 +118,18 @@ async fn start_with_dashboard(dir: &Path, sites: &[&str], study: StudyConfig) ->
 // ---------------------------------------------------------------------------------------------
 // Raw HTTPS/1.1 requests (the dashboard's own TLS: study CA, optional client certificate).
 
-struct Reply {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: String,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) body: String,
 }
 
-async fn https_get(live: &Live, path: &str, headers: &[(&str, &str)], cert: Option<ClientTlsFiles>) -> Reply {
+pub(crate) async fn https_get(
+    live: &Live,
+    path: &str,
+    headers: &[(&str, &str)],
+    cert: Option<ClientTlsFiles>,
+) -> Reply {
     let certs = live.server.certs();
     let mut roots = rustls::RootCertStore::empty();
     for c in fedhcc_core::pki::load_certs(&certs.ca()).unwrap() {

@@ -27,14 +27,18 @@ pub fn study(rounds: u32, min_sites: usize, timeout_s: u64) -> StudyConfig {
             evaluate_every: 0,
             strategy: "fedavg".into(),
             secure_aggregation: false,
+            secure_aggregation_params: None,
+            dp: None,
             server_optimizer: None,
             trimmed_mean: None,
             fedbn: None,
+            start: Default::default(),
         },
         training: TrainingConfig::default(),
         model: Default::default(),
         cohort: Default::default(),
         imaging: Default::default(),
+        evaluation: Default::default(),
     }
 }
 
@@ -150,6 +154,7 @@ pub fn client_options(server: &TestServer, site: &str) -> fedhcc_client::ClientO
         max_backoff: Duration::from_millis(500),
         give_up_after: Some(Duration::from_secs(60)),
         state_dir: None,
+        policy: Default::default(),
     }
 }
 
@@ -189,7 +194,7 @@ impl Executor for ConstExecutor {
         })
     }
     fn evaluate(&mut self, _g: &ParameterSet, _split: &str, _c: &TaskControl) -> Result<EvalResult, ExecutorError> {
-        Ok(EvalResult { num_samples: self.samples, metrics: vec![("auc".into(), 0.5)] })
+        Ok(EvalResult { num_samples: self.samples, metrics: vec![("auc".into(), 0.5)], summary: None })
     }
 }
 
@@ -234,6 +239,7 @@ pub fn header_for(task: &pb::TaskRef, payload: &[u8], fingerprint: &str, chunk: 
         sha256: sha(payload),
         chunks: payload.len().div_ceil(chunk) as u32,
         metrics: vec![],
+        ..Default::default()
     }
 }
 

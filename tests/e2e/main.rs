@@ -2,12 +2,19 @@
 //! real server (the `run(...)` future or the `fedhcc` binary) on loopback with a fresh study CA and
 //! real mutual TLS.
 
+mod admin;
 mod audit;
 mod dashboard;
+mod docs;
+mod drills;
+mod evaluation;
 mod harness;
 mod multimodal;
+mod policy;
 mod process;
+mod report;
 mod rounds;
+mod secagg;
 mod sitedata;
 mod stats;
 mod strategies;

@@ -222,6 +222,15 @@ fn demo_trains_both_models_federated_with_pooled_standardisation() {
     assert!(ok, "{stdout}\n{stderr}");
     assert_eq!(stdout.matches("rounds committed: 2").count(), 2, "{stdout}");
     assert_eq!(stdout.matches("held-out evaluation").count(), 2, "{stdout}");
+    // Each model's run ends with its study report; the image models' participant flow counts the
+    // patients without a usable MRI (the image check is made once per site, reused for postop).
+    for kind in ["preop", "postop"] {
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join(format!("report-{kind}/report.json"))).unwrap()).unwrap();
+        assert_eq!(report["study"]["model_kind"], kind);
+        let flow = report["participant_flow"]["sites"].as_array().unwrap();
+        assert!(flow.iter().all(|s| s["without_usable_mri"].as_u64() == Some(0)), "{flow:?}");
+    }
     // The postoperative model pools the slide patch features too.
     let postop = std::fs::read_dir(out.join("server-state-postop/checkpoints"))
         .unwrap()

@@ -99,7 +99,9 @@ async fn fedbn_uploads_carry_only_shared_parameters_and_local_layers_stay_at_the
     let pb::task_event::Event::Evaluate(ev) = next_event(&mut sb, "evaluate task").await else {
         panic!("expected an evaluate task")
     };
-    b.report_evaluation(pb::EvaluationReport { task: ev.task, num_samples: 5, metrics: vec![] }).await.unwrap();
+    b.report_evaluation(pb::EvaluationReport { task: ev.task, num_samples: 5, metrics: vec![], ..Default::default() })
+        .await
+        .unwrap();
     // b hangs up, so the server need not wait for it to hear that the run is over.
     drop((sb, b));
 

@@ -153,6 +153,7 @@
       tr.appendChild(el('td', s.rounds_contributed, 'num rounds'));
       tr.appendChild(el('td', x.refusals || 0, 'num refusals'));
       tr.appendChild(el('td', s.last_refusal || '', 'wrap'));
+      tr.appendChild(el('td', s.policy_refusal || '', 'wrap declined'));
       body.appendChild(tr);
     });
   }

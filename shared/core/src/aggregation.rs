@@ -179,23 +179,20 @@ pub const MAX_LOCAL_PATTERNS: usize = 256;
 ///
 /// # Errors
 /// A message naming the setting and what to write instead: an unknown strategy, a parameter table
-/// for another strategy, a value out of range, FedProx without `training.prox_mu`, or secure
-/// aggregation asked for.
+/// for another strategy, a value out of range, FedProx without `training.prox_mu`, secure
+/// aggregation with a strategy that needs each update in the clear, or unusable secure aggregation
+/// or DP settings ([`crate::privacy::check_privacy`]).
 pub fn check_strategy(study: &StudyConfig) -> Result<StrategyKind, String> {
     let f = &study.federation;
     let kind: StrategyKind = f.strategy.parse().map_err(|e| format!("federation.strategy: {e}"))?;
-    if f.secure_aggregation {
-        if kind.needs_individual_updates() {
-            return Err(format!(
-                "federation.strategy = '{kind}' needs each site's update in the clear (coordinate-wise order \
-                 statistics), which secure aggregation hides by design: use fedavg, fedprox, fedadam, fedyogi or \
-                 fedbn with secure aggregation, or set secure_aggregation = false"
-            ));
-        }
-        return Err("federation.secure_aggregation = true: this version has no secure aggregation yet; \
-                    set it to false (updates still travel over mutual TLS)"
-            .into());
+    if f.secure_aggregation && kind.needs_individual_updates() {
+        return Err(format!(
+            "federation.strategy = '{kind}' needs each site's update in the clear (coordinate-wise order \
+             statistics), which secure aggregation hides by design: use fedavg, fedprox, fedadam, fedyogi or fedbn \
+             with secure aggregation, or set secure_aggregation = false"
+        ));
     }
+    crate::privacy::check_privacy(f)?;
     if kind == StrategyKind::FedProx && !(study.training.prox_mu > 0.0 && study.training.prox_mu.is_finite()) {
         return Err(format!(
             "federation.strategy = 'fedprox' needs training.prox_mu > 0 (the proximal coefficient μ each site \
@@ -466,9 +463,15 @@ mod tests {
         let mut s = study("median");
         s.federation.secure_aggregation = true;
         assert!(check_strategy(&s).unwrap_err().contains("in the clear"));
+        for name in ["fedavg", "fedadam", "fedyogi", "fedbn"] {
+            let mut s = study(name);
+            s.federation.secure_aggregation = true;
+            assert_eq!(check_strategy(&s).unwrap().as_str(), name, "secure aggregation works with {name}");
+        }
         let mut s = study("fedavg");
         s.federation.secure_aggregation = true;
-        assert!(check_strategy(&s).unwrap_err().contains("no secure aggregation yet"));
+        s.federation.min_sites = 1;
+        assert!(check_strategy(&s).unwrap_err().contains("at least two sites"));
 
         let mut s = study("fedbn");
         s.federation.fedbn = Some(FedBnConfig { local_parameters: vec![String::new()] });

@@ -82,10 +82,19 @@ pub struct FederationConfig {
     /// `trimmed_mean` (see [`crate::aggregation`]).
     #[serde(default = "default_strategy")]
     pub strategy: String,
-    /// Secure aggregation (pairwise masking) is not in this version: `true` is refused, and the
-    /// robust strategies (median, trimmed mean) will stay refused with it.
+    /// Secure aggregation (pairwise masking, [`crate::privacy`]): the server learns only the sum of
+    /// the sites' updates. Refused with the robust strategies (median, trimmed mean), which need each
+    /// update in the clear.
     #[serde(default)]
     pub secure_aggregation: bool,
+    /// Fixed-point encoding and key exchange of secure aggregation
+    /// (`[federation.secure_aggregation_params]`); defaults when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation_params: Option<crate::privacy::SecureAggregationParams>,
+    /// Differential privacy (`[federation.dp]`): per-site L2 clipping and Gaussian noise, ε reported
+    /// after every round; needs secure aggregation. Off when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<crate::privacy::DpConfig>,
     /// FedAdam / FedYogi settings (`[federation.server_optimizer]`); defaults when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_optimizer: Option<ServerOptimizerConfig>,
@@ -95,6 +104,21 @@ pub struct FederationConfig {
     /// FedBN settings (`[federation.fedbn]`); defaults when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fedbn: Option<FedBnConfig>,
+    /// When the server announces the run's first task: `auto` (default) as soon as `min_sites`
+    /// sites are connected, `manual` only after the study lead's `fedhcc admin start`.
+    #[serde(default)]
+    pub start: StartMode,
+}
+
+/// `[federation] start`: whether a fresh run waits for the study lead's start command.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StartMode {
+    /// Start as soon as enough sites are connected.
+    #[default]
+    Auto,
+    /// Wait for `fedhcc admin start` (sites may connect meanwhile).
+    Manual,
 }
 
 fn default_min_sites() -> usize {
@@ -171,6 +195,42 @@ pub struct StudyConfig {
     /// Imaging preprocessing (`[imaging.mri]`, `[imaging.wsi]`), typed where the imaging crate is used.
     #[serde(default)]
     pub imaging: toml::Table,
+    /// How sites summarise the global model on their held-out split (`[evaluation]`); defaults when
+    /// left out.
+    #[serde(default)]
+    pub evaluation: EvaluationConfig,
+}
+
+/// `[evaluation]` of the study: what every site's evaluation summary is made of (federated
+/// evaluation, `fedhcc validate`). The minimum cell size is the site's own (`[policy]
+/// min_group_size`), not the study's.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationConfig {
+    /// The frozen cut-off (`score >= cutoff` is high risk). Absent: each site uses Youden's cut-off
+    /// on its own training split, and the evaluation report proposes their weighted mean to freeze
+    /// here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutoff: Option<f64>,
+    /// Survival times are rounded up to multiples of this many days before they leave a site.
+    #[serde(default = "default_time_grid")]
+    pub time_grid_days: f64,
+    /// Bins of the score histograms on [0, 1] (pooled AUC within about one bin width).
+    #[serde(default = "default_histogram_bins")]
+    pub histogram_bins: usize,
+}
+
+impl Default for EvaluationConfig {
+    fn default() -> Self {
+        Self { cutoff: None, time_grid_days: default_time_grid(), histogram_bins: default_histogram_bins() }
+    }
+}
+
+fn default_time_grid() -> f64 {
+    30.0
+}
+fn default_histogram_bins() -> usize {
+    1000
 }
 
 fn default_run() -> String {
@@ -203,6 +263,24 @@ pub fn load_study(path: &Path) -> Result<StudyConfig, ConfigError> {
         return Err(ConfigError::new(path, "training: prox_mu and weight_decay must not be negative"));
     }
     check_strategy(&cfg).map_err(|e| ConfigError::new(path, e))?;
+    let e = &cfg.evaluation;
+    if let Some(c) = e.cutoff
+        && !(0.0..=1.0).contains(&c)
+    {
+        return Err(ConfigError::new(path, format!("evaluation.cutoff = {c}: a predicted probability in [0, 1]")));
+    }
+    if !(e.time_grid_days >= 1.0 && e.time_grid_days <= 3650.0) {
+        return Err(ConfigError::new(
+            path,
+            format!("evaluation.time_grid_days = {}: 1 to 3650 days allowed", e.time_grid_days),
+        ));
+    }
+    if !(10..=10_000).contains(&e.histogram_bins) {
+        return Err(ConfigError::new(
+            path,
+            format!("evaluation.histogram_bins = {}: 10 to 10000 allowed", e.histogram_bins),
+        ));
+    }
     Ok(cfg)
 }
 
@@ -317,6 +395,10 @@ pub struct SiteConfig {
     /// Compute backend for local training: `flex` (default, fast CPU), `ndarray` (CPU), `cuda`.
     #[serde(default)]
     pub backend: Option<String>,
+    /// What this site lets the server ask of it (`[policy]`, see [`fedhcc_secure::policy`]):
+    /// checked by the client before every task. Defaults when the table is left out.
+    #[serde(default)]
+    pub policy: fedhcc_secure::policy::SitePolicy,
 }
 
 /// Reads a site configuration and the study it names.
@@ -335,6 +417,7 @@ pub fn load_site(path: &Path) -> Result<(SiteConfig, StudyConfig), ConfigError> 
     if !(cfg.server.starts_with("https://")) {
         return Err(ConfigError::new(path, format!("server = '{}': must start with https://", cfg.server)));
     }
+    cfg.policy.validate().map_err(|e| ConfigError::new(path, format!("[policy]: {e}")))?;
     let study = load_study(&cfg.study)?;
     Ok((cfg, study))
 }
@@ -381,6 +464,31 @@ mod tests {
     }
 
     #[test]
+    fn the_evaluation_table_has_defaults_and_checked_ranges() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("study.toml");
+        std::fs::write(&p, "study_id = \"s\"\n[federation]\nrounds = 3\n").unwrap();
+        assert_eq!(load_study(&p).unwrap().evaluation, EvaluationConfig::default());
+        std::fs::write(
+            &p,
+            "study_id = \"s\"\n[federation]\nrounds = 3\n[evaluation]\ncutoff = 0.4\ntime_grid_days = 7\n",
+        )
+        .unwrap();
+        let e = load_study(&p).unwrap().evaluation;
+        assert_eq!((e.cutoff, e.time_grid_days, e.histogram_bins), (Some(0.4), 7.0, 1000));
+        for (table, needle) in [
+            ("cutoff = 1.5", "evaluation.cutoff"),
+            ("time_grid_days = 0", "evaluation.time_grid_days"),
+            ("histogram_bins = 100000", "evaluation.histogram_bins"),
+            ("bins = 10", "bins"),
+        ] {
+            std::fs::write(&p, format!("study_id = \"s\"\n[federation]\nrounds = 3\n[evaluation]\n{table}\n")).unwrap();
+            let e = load_study(&p).unwrap_err().to_string();
+            assert!(e.contains("study.toml") && e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
     fn strategy_tables_parse_and_are_checked_with_the_file_named() {
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("study.toml");
@@ -391,6 +499,7 @@ mod tests {
         )
         .unwrap();
         let s = load_study(&p).unwrap();
+        assert_eq!(s.federation.start, StartMode::Auto, "a run starts by itself unless told otherwise");
         let o = s.federation.server_optimizer.unwrap();
         assert_eq!((o.lr, o.beta1, o.beta2, o.tau), (0.1, 0.9, 0.99, 0.01));
         std::fs::write(&p, "study_id = \"s\"\n[federation]\nrounds = 3\nstrategy = \"fedprox\"\n").unwrap();
@@ -448,5 +557,29 @@ mod tests {
         assert_eq!(site.data_dir, tmp.path().join("data"));
         assert_eq!(site.tls.ca, tmp.path().join("ca.pem"));
         assert_eq!(study.federation.min_sites, 2);
+        assert_eq!(site.policy, fedhcc_secure::policy::SitePolicy::default(), "no [policy]: the defaults");
+    }
+
+    #[test]
+    fn the_site_policy_table_is_parsed_and_checked_with_the_file_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("study.toml"), "study_id = \"s\"\n[federation]\nrounds = 3\n").unwrap();
+        let p = tmp.path().join("site.toml");
+        let base = "site_id = \"a\"\nserver = \"https://127.0.0.1:1\"\nserver_name = \"x\"\nstudy = \"study.toml\"\n\
+                    data_dir = \"data\"\nstate_dir = \"state\"\n[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key.pem\"\n";
+        std::fs::write(
+            &p,
+            format!("{base}[policy]\nmax_rounds = 4\nmin_group_size = 20\naccepted_tasks = [\"train\"]\n"),
+        )
+        .unwrap();
+        let policy = load_site(&p).unwrap().0.policy;
+        assert_eq!((policy.max_rounds, policy.min_group_size), (Some(4), 20));
+        assert_eq!(policy.accepted_tasks, [fedhcc_secure::policy::TaskKind::Train]);
+        std::fs::write(&p, format!("{base}[policy]\nmax_rounds = 0\n")).unwrap();
+        let e = load_site(&p).unwrap_err().to_string();
+        assert!(e.contains("site.toml") && e.contains("[policy]") && e.contains("max_rounds"), "{e}");
+        std::fs::write(&p, format!("{base}[policy]\nmax_round = 3\n")).unwrap();
+        let e = load_site(&p).unwrap_err().to_string();
+        assert!(e.contains("site.toml") && e.contains("max_round"), "{e}");
     }
 }

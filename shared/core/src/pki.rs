@@ -501,12 +501,92 @@ pub struct ClientTlsFiles {
     pub key: PathBuf,
 }
 
-/// A rustls server configuration: TLS 1.3 only, a client certificate from the study CA required,
-/// the revocation list checked (expired certificates fail the standard validity check), ALPN h2.
+/// A certificate in use that expires within this many days is announced with a warning at start.
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
+
+/// Checks the validity dates of the first certificate in `path` (`what` names it in messages,
+/// e.g. "the server certificate") at `now`.
+///
+/// Returns a warning for a certificate that expires within [`EXPIRY_WARNING_DAYS`] days.
 ///
 /// # Errors
-/// Unreadable or invalid files.
+/// An unreadable certificate, one that has expired, or one that is not valid yet: TLS would refuse
+/// it at every connection, so the program stops at start with a message saying what to do.
+pub fn check_certificate_dates(path: &Path, what: &str, now: OffsetDateTime) -> Result<Option<String>, PkiError> {
+    let certs = load_certs(path)?;
+    let (_, x) = x509_parser::parse_x509_certificate(certs[0].as_ref())
+        .map_err(|e| PkiError::Invalid(format!("{}: {what} does not parse: {e}", path.display())))?;
+    let not_before = x.validity().not_before.timestamp();
+    let not_after = x.validity().not_after.timestamp();
+    let at = |t: i64| OffsetDateTime::from_unix_timestamp(t).map(fmt_time).unwrap_or_else(|_| format!("unix time {t}"));
+    let now_s = now.unix_timestamp();
+    if now_s > not_after {
+        return Err(PkiError::Invalid(format!(
+            "{}: {what} expired on {}; ask the study lead for a new one (`fedhcc certs issue`) and put it in place",
+            path.display(),
+            at(not_after)
+        )));
+    }
+    if now_s < not_before {
+        return Err(PkiError::Invalid(format!(
+            "{}: {what} is not valid before {}; check this computer's clock",
+            path.display(),
+            at(not_before)
+        )));
+    }
+    let days_left = (not_after - now_s) / 86_400;
+    Ok((days_left < EXPIRY_WARNING_DAYS).then(|| {
+        format!(
+            "{}: {what} expires on {} (in {days_left} days); ask the study lead for a new one before then",
+            path.display(),
+            at(not_after)
+        )
+    }))
+}
+
+/// Checks the dates of a certificate in use and of the CA that issued it, logging a warning for one
+/// that expires soon.
+fn check_in_use(cert: &Path, what: &str, ca: &Path) -> Result<(), PkiError> {
+    let now = OffsetDateTime::now_utc();
+    for (path, what) in [(cert, what), (ca, "the study CA certificate")] {
+        if let Some(w) = check_certificate_dates(path, what, now)? {
+            tracing::warn!("{w}");
+        }
+    }
+    Ok(())
+}
+
+/// A rustls client configuration for a site or the study lead: TLS 1.3 only, the server's
+/// certificate checked against the study CA, this side's certificate presented, ALPN h2. An expired
+/// (or not yet valid) certificate of ours or of the CA is refused here, with what to do; one that
+/// expires within [`EXPIRY_WARNING_DAYS`] days is logged as a warning.
+///
+/// # Errors
+/// Unreadable, invalid or expired files.
+pub fn client_config(files: &ClientTlsFiles) -> Result<rustls::ClientConfig, PkiError> {
+    check_in_use(&files.cert, "this side's certificate", &files.ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(&files.ca)? {
+        roots.add(c).map_err(|e| PkiError::Tls(format!("{}: {e}", files.ca.display())))?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| PkiError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .map_err(|e| PkiError::Tls(format!("{}: {e}", files.cert.display())))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// A rustls server configuration: TLS 1.3 only, a client certificate from the study CA required,
+/// the revocation list checked (expired certificates fail the standard validity check), ALPN h2.
+/// The server's own certificate and the CA are checked as in [`client_config`].
+///
+/// # Errors
+/// Unreadable, invalid or expired files.
 pub fn server_config(files: &ServerTlsFiles) -> Result<rustls::ServerConfig, PkiError> {
+    check_in_use(&files.cert, "the server certificate", &files.ca)?;
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(&files.ca)? {
         roots.add(c).map_err(|e| PkiError::Tls(format!("{}: {e}", files.ca.display())))?;
@@ -578,6 +658,97 @@ mod tests {
         let id = peer_identity(&load_certs(&cd.admin("lead")).unwrap()[0]).unwrap();
         assert_eq!(id.role, Role::Admin);
         server_config(&ServerTlsFiles { ca: cd.ca(), cert: cd.server(), key: cd.server_key(), crl: cd.crl() }).unwrap();
+    }
+
+    #[test]
+    fn certificates_in_use_are_refused_when_expired_or_not_yet_valid_and_flagged_near_expiry() {
+        let tmp = tempfile::tempdir().unwrap();
+        init(tmp.path(), "s", "srv", &["a".into()], None, 30).unwrap();
+        let cd = CertDir::new(tmp.path());
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(check_certificate_dates(&cd.site("a"), "the site certificate", now).unwrap(), None);
+        let w = check_certificate_dates(&cd.site("a"), "the site certificate", now + Duration::days(20))
+            .unwrap()
+            .expect("a warning 10 days before expiry");
+        let days = w.contains("in 9 days") || w.contains("in 10 days");
+        assert!(w.contains("site-a.pem") && w.contains("expires on") && days, "{w}");
+        let e = check_certificate_dates(&cd.site("a"), "the site certificate", now + Duration::days(31)).unwrap_err();
+        assert!(e.to_string().contains("expired on") && e.to_string().contains("fedhcc certs issue"), "{e}");
+        let e = check_certificate_dates(&cd.site("a"), "the site certificate", now - Duration::days(1)).unwrap_err();
+        assert!(e.to_string().contains("not valid before"), "{e}");
+        // In use: an expired certificate stops the client at start, and TLS 1.2 is not offered.
+        let v = Validity { not_before: now - Duration::days(3), not_after: now - Duration::days(1) };
+        issue(tmp.path(), Role::Site, "late", v).unwrap();
+        let late = ClientTlsFiles { ca: cd.ca(), cert: cd.site("late"), key: cd.site_key("late") };
+        assert!(client_config(&late).unwrap_err().to_string().contains("expired on"));
+        let ok = ClientTlsFiles { ca: cd.ca(), cert: cd.site("a"), key: cd.site_key("a") };
+        let cfg = client_config(&ok).unwrap();
+        assert_eq!(cfg.alpn_protocols, vec![b"h2".to_vec()]);
+    }
+
+    /// Runs a TLS handshake between two in-memory connections.
+    fn handshake(c: &mut rustls::ClientConnection, s: &mut rustls::ServerConnection) -> Result<(), rustls::Error> {
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            if !buf.is_empty() {
+                s.read_tls(&mut buf.as_slice()).unwrap();
+                s.process_new_packets()?;
+            }
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            if !buf.is_empty() {
+                c.read_tls(&mut buf.as_slice()).unwrap();
+                c.process_new_packets()?;
+            }
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err(rustls::Error::General("the handshake made no progress".into()))
+    }
+
+    #[test]
+    fn client_and_server_speak_tls_1_3_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        init(tmp.path(), "s", "srv", &["a".into()], None, 30).unwrap();
+        let cd = CertDir::new(tmp.path());
+        let site = ClientTlsFiles { ca: cd.ca(), cert: cd.site("a"), key: cd.site_key("a") };
+        let server = ServerTlsFiles { ca: cd.ca(), cert: cd.server(), key: cd.server_key(), crl: cd.crl() };
+        let name = rustls::pki_types::ServerName::try_from("srv").unwrap();
+        let ours = Arc::new(client_config(&site).unwrap());
+        let theirs = Arc::new(server_config(&server).unwrap());
+        let mut c = rustls::ClientConnection::new(Arc::clone(&ours), name.clone()).unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::clone(&theirs)).unwrap();
+        handshake(&mut c, &mut s).unwrap();
+        assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(c.alpn_protocol(), Some(&b"h2"[..]));
+
+        // A TLS 1.2-only server is refused by our client, a TLS 1.2-only client by our server.
+        let tls12 = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(load_certs(&cd.server()).unwrap(), load_key(&cd.server_key()).unwrap())
+            .unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::clone(&ours), name.clone()).unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::new(tls12)).unwrap();
+        assert!(handshake(&mut c, &mut s).is_err(), "no TLS 1.2 from the client");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(load_certs(&cd.ca()).unwrap().remove(0)).unwrap();
+        let tls12 = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(load_certs(&cd.site("a")).unwrap(), load_key(&cd.site_key("a")).unwrap())
+            .unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(tls12), name).unwrap();
+        let mut s = rustls::ServerConnection::new(theirs).unwrap();
+        assert!(handshake(&mut c, &mut s).is_err(), "no TLS 1.2 at the server");
     }
 
     #[test]

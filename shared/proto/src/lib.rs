@@ -22,6 +22,18 @@ pub const MAX_METRICS: usize = 64;
 pub const MAX_STAT_GROUPS: usize = 8;
 /// Most columns in one statistics group.
 pub const MAX_STAT_COLUMNS: usize = 4096;
+/// Longest policy rule name in a task refusal.
+pub const MAX_RULE_LEN: usize = 64;
+/// Longest message in a task refusal (bytes).
+pub const MAX_REFUSAL_MESSAGE_LEN: usize = 1024;
+/// Largest sample count a site may announce or report (join, update, evaluation).
+pub const MAX_SAMPLES: u64 = 1_000_000_000;
+/// Length of an X25519 public key and of a secure-aggregation roster digest, in bytes.
+pub const KEY_BYTES: usize = 32;
+/// Most sites in one secure-aggregation roster (the study's `max_sites` cannot exceed it).
+pub const MAX_ROSTER_SITES: usize = 1024;
+/// `UpdateHeader.encoding` of a masked secure-aggregation upload: 8 little-endian bytes per value.
+pub const ENCODING_SECAGG_U64: &str = "secagg-u64";
 /// Protocol version announced in Join.
 pub const PROTOCOL_VERSION: &str = concat!("fedhcc/", env!("CARGO_PKG_VERSION"), "/v1");
 

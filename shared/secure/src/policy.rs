@@ -11,7 +11,7 @@
 //! require_dp = true
 //! max_epsilon = 8.0                  # refuse a task that would take this site's ε above this
 //! min_group_size = 10                # smallest group any reported statistic may describe
-//! accepted_tasks = ["train", "evaluate"]
+//! accepted_tasks = ["statistics", "train", "evaluate"]
 //! ```
 
 use crate::dp::RdpAccountant;
@@ -24,6 +24,9 @@ pub const DEFAULT_MIN_GROUP_SIZE: u64 = 10;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskKind {
+    /// Feature sums and counts for the pooled standardisation (before round 1); cells smaller than
+    /// `min_group_size` are suppressed at the site.
+    Statistics,
     /// Local training; an update leaves the site.
     Train,
     /// Scoring of the global model; aggregate metrics leave the site.
@@ -34,6 +37,7 @@ impl TaskKind {
     /// The name used in the policy file and in messages.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Statistics => "statistics",
             Self::Train => "train",
             Self::Evaluate => "evaluate",
         }
@@ -57,7 +61,7 @@ pub struct SitePolicy {
     pub max_epsilon: Option<f64>,
     /// Smallest group any reported statistic may describe (default 10).
     pub min_group_size: u64,
-    /// Task kinds accepted (default: train and evaluate).
+    /// Task kinds accepted (default: statistics, train and evaluate).
     pub accepted_tasks: Vec<TaskKind>,
 }
 
@@ -70,7 +74,7 @@ impl Default for SitePolicy {
             require_dp: false,
             max_epsilon: None,
             min_group_size: DEFAULT_MIN_GROUP_SIZE,
-            accepted_tasks: vec![TaskKind::Train, TaskKind::Evaluate],
+            accepted_tasks: vec![TaskKind::Statistics, TaskKind::Train, TaskKind::Evaluate],
         }
     }
 }

@@ -50,6 +50,20 @@ fn accepted_tasks_rule() {
 }
 
 #[test]
+fn statistics_tasks_are_accepted_by_default_and_can_be_refused() {
+    let stats = TaskFacts { kind: TaskKind::Statistics, round: 0, secure_aggregation: false, dp: None, ..train(1) };
+    assert_eq!(refused_by(&SitePolicy::default(), &stats), None);
+    let p = SitePolicy { accepted_tasks: vec![TaskKind::Train, TaskKind::Evaluate], ..SitePolicy::default() };
+    let r = p.check(&stats).unwrap_err();
+    assert_eq!(r.rule, PolicyRule::TaskKind);
+    assert!(r.message.contains("statistics tasks are not accepted"), "{}", r.message);
+    let p = SitePolicy { require_secure_aggregation: true, require_dp: true, ..SitePolicy::default() };
+    assert_eq!(refused_by(&p, &stats), None, "no update leaves the site: nothing to mask or noise");
+    let parsed: SitePolicy = toml::from_str("accepted_tasks = [\"statistics\"]\n").unwrap();
+    assert_eq!(parsed.accepted_tasks, vec![TaskKind::Statistics]);
+}
+
+#[test]
 fn allowed_fingerprints_rule() {
     let p = SitePolicy { allowed_fingerprints: vec![FP_B.to_uppercase()], ..SitePolicy::default() };
     p.validate().unwrap();

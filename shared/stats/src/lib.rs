@@ -8,6 +8,8 @@
 //! - [`pooled`]: mergeable site summaries that hold no patient-level value (score histograms, event and
 //!   at-risk counts per time and group), from which pooled Kaplan–Meier and log-rank are exact and the AUC
 //!   is closely approximated; a minimum-cell rule.
+//! - [`federated`]: what a site reports about a model on its held-out split (its own figures and the
+//!   summaries above, under the minimum cell), the server's checks of that report, and the pooling.
 //! - [`predictions`] reads a predictions CSV, [`report`] computes every statistic for it (`fedhcc stats`),
 //!   [`svg`] draws the plots.
 //!
@@ -17,6 +19,7 @@
 
 pub mod binary;
 mod error;
+pub mod federated;
 mod numeric;
 pub mod pooled;
 pub mod predictions;

@@ -8,12 +8,16 @@
 //!   rounded up to a grid). Kaplan–Meier and the log-rank test depend on the data only through these
 //!   counts, so merged site counts give exactly the pooled statistics (tested). On a grid they are exact
 //!   for the rounded times.
+//! - From these alone (`figures`): the AUC with its DeLong interval, the ROC curve, net benefit and
+//!   calibration groups of the binned scores, and the hazard ratio between two risk groups (exact).
 //!
 //! **Minimum cell rule** (`check_min_cell`): a summary is *refused as a whole* when any label class (for
 //! a histogram) or risk group (for survival counts) holds fewer than `min_cell` patients, or fewer than
 //! `min_cell` but more than zero events. Individual bins and time points are not suppressed: suppressing
 //! them would silently bias the pooled estimate, and the time grid (`from_rows_on_grid`) is the control
 //! for how fine the released times are.
+
+mod figures;
 
 use crate::numeric::{check_finite, check_len, check_probabilities};
 use crate::survival::{GroupCounts, KaplanMeier, LogRank, by_time, check_outcome, kaplan_meier_counts, logrank_counts};

@@ -1,6 +1,7 @@
 //! Plots as standalone SVG text (no script, no external font: the generic `sans-serif` family), small
 //! enough to embed in an HTML report: ROC curve, Kaplan–Meier curves with numbers at risk, calibration
-//! plot, decision curve.
+//! plot, decision curve; overlays of several sites (`roc_curves`, `calibration_series`) and a line chart
+//! (`lines`, e.g. training curves).
 
 use crate::binary::{NetBenefit, RocCurve};
 use crate::survival::KaplanMeier;
@@ -36,7 +37,12 @@ fn tick_step(span: f64, target: f64) -> f64 {
 }
 
 fn ticks(lo: f64, hi: f64, target: f64) -> Vec<f64> {
-    let step = tick_step(hi - lo, target);
+    ticks_at_least(lo, hi, target, 0.0)
+}
+
+/// [`ticks`] with a step of at least `min_step` (1 for counts such as rounds).
+fn ticks_at_least(lo: f64, hi: f64, target: f64, min_step: f64) -> Vec<f64> {
+    let step = tick_step(hi - lo, target).max(min_step);
     let first = (lo / step).ceil() as i64;
     let last = (hi / step + 1e-9).floor() as i64;
     (first..=last).map(|k| k as f64 * step).collect()
@@ -59,6 +65,19 @@ struct Frame {
 impl Frame {
     /// Starts an SVG of `extra` pixels below the plot (tables), with title, axes, ticks and labels.
     fn new(title: &str, x_label: &str, y_label: &str, x: (f64, f64), y: (f64, f64), extra: f64) -> Self {
+        Self::with_x_step(title, x_label, y_label, x, y, extra, 0.0)
+    }
+
+    /// [`Frame::new`] with x ticks at least `min_x_step` apart.
+    fn with_x_step(
+        title: &str,
+        x_label: &str,
+        y_label: &str,
+        x: (f64, f64),
+        y: (f64, f64),
+        extra: f64,
+        min_x_step: f64,
+    ) -> Self {
         let height = TOP + PLOT_HEIGHT + BOTTOM + extra;
         let mut f = Frame { svg: String::new(), x, y, height };
         let _ = write!(
@@ -71,7 +90,7 @@ impl Frame {
             escape(title)
         );
         let (x0, x1, y0, y1) = (LEFT, WIDTH - RIGHT, TOP, TOP + PLOT_HEIGHT);
-        for t in ticks(x.0, x.1, 6.0) {
+        for t in ticks_at_least(x.0, x.1, 6.0, min_x_step) {
             let px = f.px(t);
             let _ = writeln!(
                 f.svg,
@@ -310,6 +329,93 @@ pub fn decision_curve(points: &[NetBenefit]) -> String {
     f.finish()
 }
 
+/// ROC curves of several sets of predictions on one plot (e.g. each site and the pooled curve), with
+/// the chance diagonal; each entry is (legend label, curve).
+pub fn roc_curves(curves: &[(String, &RocCurve)]) -> String {
+    let mut f = Frame::new(
+        "ROC curves",
+        "1 − specificity (false-positive rate)",
+        "Sensitivity (true-positive rate)",
+        (0.0, 1.0),
+        (0.0, 1.0),
+        0.0,
+    );
+    f.polyline(&[(0.0, 0.0), (1.0, 1.0)], "#999999", true, 1.0);
+    let mut legend = Vec::new();
+    for (k, (label, curve)) in curves.iter().enumerate() {
+        let color = COLORS[k % COLORS.len()];
+        let pts: Vec<(f64, f64)> = curve.fpr.iter().copied().zip(curve.tpr.iter().copied()).collect();
+        f.polyline(&pts, color, false, 2.0);
+        legend.push((label.clone(), color, false));
+    }
+    legend.push(("chance".into(), "#999999", true));
+    f.legend(&legend, true);
+    f.finish()
+}
+
+/// Calibration plot of several sets of predictions (e.g. each site and pooled): observed against
+/// predicted risk per group, with the ideal diagonal; each entry is (legend label, groups).
+pub fn calibration_series(series: &[(String, &[CalibrationBin])]) -> String {
+    let mut f = Frame::new("Calibration", "Predicted probability", "Observed proportion", (0.0, 1.0), (0.0, 1.0), 0.0);
+    f.polyline(&[(0.0, 0.0), (1.0, 1.0)], "#999999", true, 1.0);
+    let mut legend = Vec::new();
+    for (k, (label, bins)) in series.iter().enumerate() {
+        let color = COLORS[k % COLORS.len()];
+        let pts: Vec<(f64, f64)> = bins.iter().map(|b| (b.predicted, b.observed)).collect();
+        f.polyline(&pts, color, false, 1.5);
+        for b in bins.iter() {
+            let (x, y) = (f.px(b.predicted), f.py(b.observed));
+            let _ = writeln!(f.svg, r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{color}"/>"#);
+        }
+        legend.push((label.clone(), color, false));
+    }
+    legend.push(("ideal".into(), "#999999", true));
+    f.legend(&legend, true);
+    f.finish()
+}
+
+/// Line chart with a marker at every point (e.g. training loss per round, one line per site); the y
+/// range covers the data with a margin. A series with no point is left out; with no point at all the
+/// plot says so.
+pub fn lines(title: &str, x_label: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+    let points = || series.iter().flat_map(|(_, p)| p.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in points() {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if !x0.is_finite() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 - x0 < 1e-12 {
+        (x0, x1) = (x0 - 1.0, x1 + 1.0);
+    }
+    let margin = ((y1 - y0) * 0.08).max(1e-3 * y1.abs().max(1.0));
+    // Whole-number x values (rounds) get whole-number ticks.
+    let whole = points().all(|(x, _)| x.fract() == 0.0);
+    let min_step = if whole { 1.0 } else { 0.0 };
+    let mut f = Frame::with_x_step(title, x_label, y_label, (x0, x1), (y0 - margin, y1 + margin), 0.0, min_step);
+    if points().next().is_none() {
+        f.text(WIDTH / 2.0, TOP + PLOT_HEIGHT / 2.0, "middle", "no data");
+        return f.finish();
+    }
+    let mut legend = Vec::new();
+    for (k, (label, pts)) in series.iter().enumerate() {
+        let pts: Vec<(f64, f64)> = pts.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let color = COLORS[k % COLORS.len()];
+        f.polyline(&pts, color, false, 2.0);
+        for &(x, y) in &pts {
+            let (px, py) = (f.px(x), f.py(y));
+            let _ = writeln!(f.svg, r#"<circle cx="{px:.1}" cy="{py:.1}" r="3" fill="{color}"/>"#);
+        }
+        legend.push((label.clone(), color, false));
+    }
+    f.legend(&legend, false);
+    f.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,5 +433,21 @@ mod tests {
         let svg = calibration(&[], "a < b & c");
         assert!(svg.contains("a &lt; b &amp; c"));
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+    }
+
+    #[test]
+    fn overlays_draw_one_line_per_series_and_survive_empty_input() {
+        let curve = RocCurve { fpr: vec![0.0, 0.5, 1.0], tpr: vec![0.0, 0.8, 1.0], threshold: vec![] };
+        let svg = roc_curves(&[("site <a>".into(), &curve), ("pooled".into(), &curve)]);
+        assert_eq!(svg.matches("<polyline").count(), 3, "diagonal + 2 curves");
+        assert!(svg.contains("site &lt;a&gt;"));
+        let bins = [CalibrationBin { predicted: 0.2, observed: 0.1, n: 5 }];
+        assert_eq!(calibration_series(&[("a".into(), &bins[..])]).matches("<circle").count(), 1);
+        let chart = lines("Loss", "round", "loss", &[("a".into(), vec![(1.0, 0.7), (2.0, f64::NAN), (3.0, 0.5)])]);
+        assert_eq!(chart.matches("<circle").count(), 2, "non-finite points are left out");
+        let rounds = lines("Loss", "round", "loss", &[("a".into(), vec![(1.0, 0.7), (3.0, 0.5)])]);
+        assert!(!rounds.contains(">1.5<") && rounds.contains(">2<"), "whole rounds get whole ticks");
+        let empty = lines("Loss", "round", "loss", &[("a".into(), vec![])]);
+        assert!(empty.contains("no data") && empty.ends_with("</svg>\n"));
     }
 }

@@ -1,0 +1,211 @@
+//! `fedhcc admin --config admin.toml <command>`: the study lead's commands to a running server over
+//! the admin RPCs, with the admin certificate: start (a run with `[federation] start = "manual"`),
+//! pause, resume, abort, allow / disallow a site, export the current model.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use fedhcc_core::config::load_admin;
+use fedhcc_core::params::ParameterSet;
+use fedhcc_proto as pb;
+use sha2::Digest;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// `fedhcc admin`.
+#[derive(Args)]
+pub struct AdminArgs {
+    /// Admin configuration file (see configs/admin.toml): the server's address and the study
+    /// lead's admin certificate.
+    #[arg(long)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Start a run that waits for the study lead (`[federation] start = "manual"` in the study file).
+    Start,
+    /// Announce no new task; a round in flight may finish and commit. Outlives a server restart.
+    Pause,
+    /// Go on after a pause: the task that was due is announced.
+    Resume,
+    /// End the run now: the task in flight is dropped and the last committed model is final. The
+    /// run cannot be resumed (train again under another run_id).
+    Abort,
+    /// Add a site to the allow-list (it needs a certificate from `fedhcc certs issue --site`).
+    Allow {
+        /// The site id (its certificate's name).
+        site: String,
+    },
+    /// Remove a site from the allow-list: its connections are refused from now on (until `allow`).
+    Disallow {
+        /// The site id (its certificate's name).
+        site: String,
+    },
+    /// Save the current global model (the last committed round): a `.fhcp` checkpoint, or a
+    /// safetensors file when `--out` ends in `.safetensors`.
+    Export {
+        /// Where to write the model.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")
+}
+
+pub fn run(args: &AdminArgs) -> Result<()> {
+    let admin = load_admin(&args.config)?;
+    let target = fedhcc_client::ServerTarget {
+        url: admin.server.clone(),
+        server_name: admin.server_name.clone(),
+        tls: admin.tls.clone(),
+    };
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut c = fedhcc_client::transport::connect_admin(&target)
+            .await
+            .with_context(|| format!("reaching the server at {}", admin.server))?;
+        let refused = |s: tonic::Status| anyhow::anyhow!("the server refused: {}", s.message());
+        let reply = match &args.command {
+            AdminCommand::Export { out } => return export(&mut c, out).await,
+            AdminCommand::Allow { site } | AdminCommand::Disallow { site } => {
+                let allowed = matches!(args.command, AdminCommand::Allow { .. });
+                c.set_site_access(pb::SiteAccessRequest { site_id: site.clone(), allowed }).await.map_err(refused)?
+            }
+            AdminCommand::Start | AdminCommand::Pause | AdminCommand::Resume | AdminCommand::Abort => {
+                let command = match args.command {
+                    AdminCommand::Start => pb::ControlCommand::Start,
+                    AdminCommand::Pause => pb::ControlCommand::Pause,
+                    AdminCommand::Resume => pb::ControlCommand::Resume,
+                    _ => pb::ControlCommand::Abort,
+                };
+                c.control(pb::ControlRequest { command: command.into() }).await.map_err(refused)?
+            }
+        }
+        .into_inner();
+        println!("{}", reply.message);
+        println!("run: {}, phase: {}", reply.run_control, reply.phase.replace('_', " "));
+        Ok(())
+    })
+}
+
+/// Receives the model into a temporary file beside `out` while hashing it, checks its length,
+/// SHA-256 and layout against the header, then renames it into place (or converts it).
+async fn export(c: &mut pb::admin_client::AdminClient<tonic::transport::Channel>, out: &Path) -> Result<()> {
+    let mut stream = c
+        .export_model(pb::ExportRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("the server refused: {}", s.message()))?
+        .into_inner();
+    let header = match stream.message().await.context("receiving the model")? {
+        Some(pb::ExportPart { part: Some(pb::export_part::Part::Header(h)) }) => h,
+        _ => bail!("the server's answer did not start with the model's header"),
+    };
+    let limit = (fedhcc_core::params::MAX_PARAMS * 4 + fedhcc_core::params::MAX_HEADER_LEN) as u64;
+    if header.total_bytes > limit {
+        bail!("the server announces a model of {} bytes, more than fedhcc accepts ({limit})", header.total_bytes);
+    }
+    let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let tmp = PartFile(dir.join(format!(".{name}.{}.part", std::process::id())));
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&tmp.0).with_context(|| format!("creating {}", tmp.0.display()))?,
+    );
+    let mut hasher = sha2::Sha256::new();
+    let mut received = 0u64;
+    while let Some(part) = stream.message().await.context("receiving the model")? {
+        let Some(pb::export_part::Part::Chunk(chunk)) = part.part else {
+            bail!("a second header arrived inside the model");
+        };
+        received += chunk.len() as u64;
+        if chunk.len() > fedhcc_proto::MAX_CHUNK_BYTES || received > header.total_bytes {
+            bail!("the server sent more than the {} bytes it announced", header.total_bytes);
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk).with_context(|| format!("writing into {}", dir.display()))?;
+    }
+    let file = file.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.0.display()))?;
+    file.sync_all().with_context(|| format!("writing {}", tmp.0.display()))?;
+    drop(file);
+    if received != header.total_bytes {
+        bail!("the transfer ended after {received} of {} bytes; try again", header.total_bytes);
+    }
+    let sha = hex_digest(hasher);
+    if sha != header.sha256 {
+        bail!("the model received has SHA-256 {sha}, the server announced {}; try again", header.sha256);
+    }
+    let params = crate::export::read_checkpoint(&tmp.0)?;
+    if params.fingerprint().to_hex() != header.model_fingerprint {
+        bail!("the model's layout differs from the one the server announced");
+    }
+    let safetensors = out.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if safetensors {
+        write_safetensors(&params, &header, out)?;
+    } else {
+        std::fs::rename(&tmp.0, out).with_context(|| format!("writing {}", out.display()))?;
+    }
+    println!(
+        "Exported the model of round {} (study {}, run {}): {} values, layout {}, SHA-256 of the checkpoint {}, to {}{}",
+        header.round,
+        header.study_id,
+        header.run_id,
+        params.numel(),
+        params.fingerprint().short(),
+        header.sha256,
+        out.display(),
+        if safetensors { " (safetensors)" } else { "" }
+    );
+    Ok(())
+}
+
+/// A partly received file, removed unless it was renamed into place.
+struct PartFile(PathBuf);
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn hex_digest(h: sha2::Sha256) -> String {
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn write_safetensors(params: &ParameterSet, header: &pb::ExportHeader, out: &Path) -> Result<()> {
+    let metadata = std::collections::BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("producer".to_string(), format!("fedhcc {}", env!("CARGO_PKG_VERSION"))),
+        ("study_id".to_string(), header.study_id.clone()),
+        ("run_id".to_string(), header.run_id.clone()),
+        ("round".to_string(), header.round.to_string()),
+        ("fingerprint".to_string(), header.model_fingerprint.clone()),
+        ("checkpoint_sha256".to_string(), header.sha256.clone()),
+    ]);
+    let bytes = crate::export::safetensors_bytes(params, &metadata)?;
+    fedhcc_core::pki::write_atomic(out, &bytes, false).with_context(|| format!("writing {}", out.display()))
+}
+
+/// Prints the study lead's part of `fedhcc status`: the run's control state, removed sites and
+/// the recent admin actions.
+pub fn print_admin_view(view: Option<&pb::AdminView>) {
+    let Some(v) = view else { return };
+    if v.run_control != "running" {
+        println!("Run control: {}", v.run_control.replace('_', " "));
+    }
+    if !v.removed_sites.is_empty() {
+        println!("Removed from the allow-list: {}", v.removed_sites.join(", "));
+    }
+    if !v.recent_actions.is_empty() {
+        println!("\nadmin actions");
+        for a in &v.recent_actions {
+            let when = chrono::DateTime::from_timestamp(a.unix, 0)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_else(|| a.unix.to_string());
+            println!("  {when}  {:<10} {:<9} {}", a.admin, a.action, a.detail);
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! The executors' side of federated evaluation (`fedhcc_stats::federated`): which split an
+//! evaluation scores, and the summary of one evaluation made from the patients' scores (the site's
+//! minimum cell size comes from its policy: `fedhcc_client::site_policy::min_cell`). The scores
+//! stay here; only the summary is returned.
+
+use fedhcc_client::ExecutorError;
+use fedhcc_stats::federated::{EvaluationSettings, SiteEvaluation, SitePredictions};
+
+/// The splits an executor scores, in its order: train, val, test.
+pub const SPLITS: [&str; 3] = ["train", "val", "test"];
+
+/// The index of `split` in [`SPLITS`].
+///
+/// # Errors
+/// Another name.
+pub fn split_index(split: &str) -> Result<usize, ExecutorError> {
+    SPLITS
+        .iter()
+        .position(|s| *s == split)
+        .ok_or_else(|| ExecutorError(format!("unknown split '{split}' (train, val, test or all)")))
+}
+
+/// The summary of an evaluation of `test`, with the cut-off chosen on `train` when the study fixes
+/// none. `None` (logged, without any value) when it cannot be made: the evaluation's metrics still go.
+pub fn summarise(
+    test: &SitePredictions,
+    train: Option<&SitePredictions>,
+    settings: &EvaluationSettings,
+) -> Option<SiteEvaluation> {
+    match SiteEvaluation::compute(test, train, settings) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            // The error names a row, not a value of a patient's record beyond the model's score.
+            tracing::warn!(reason = %e, "no evaluation summary: the model's scores cannot be summarised");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_are_named_train_val_test() {
+        assert_eq!(split_index("test").unwrap(), 2);
+        assert!(split_index("holdout").unwrap_err().to_string().contains("holdout"));
+    }
+}
