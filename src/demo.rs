@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod dashboard;
+
 const SITES: [&str; 2] = ["center_a", "center_b"];
 const MARKER: &str = ".fedhcc-demo";
 
@@ -255,6 +257,7 @@ pub fn run_model(
             &federation,
             &training,
         )?;
+        dashboard::enable(&cfg, port)?;
         federate(out, &cfg, "server-state", "run-1", port, rounds, &sites, strategy, &mut next)?;
         write_report(out, &cfg, "server-state", "run-1", "clinical", &sites, &mut Default::default())?;
         print_outputs(out, t0);
@@ -294,6 +297,7 @@ pub fn run_model(
             &study,
             &format!("server-state-{kind}"),
         )?;
+        dashboard::enable(&cfg, port)?;
         println!(
             "{} Preprocessing at each site for the {kind} model (MRI crops{})",
             next(),
@@ -396,6 +400,7 @@ fn federate(
         spawn(&["server", "--config", &server_cfg.to_string_lossy()], &out.join(format!("logs/server{tag}.log")))?;
     wait_for_port(port, &mut server, Duration::from_secs(60))?;
     procs.0.push(("server".into(), server));
+    dashboard::announce(&server_cfg, &mut procs.0[0].1)?;
 
     println!("{} Clients: {}", next(), sites.join(", "));
     for s in sites {
@@ -512,7 +517,9 @@ fn print_outputs(out: &Path, t0: Instant) {
     println!("\nDone in {:.1} s. Outputs in {}:", t0.elapsed().as_secs_f64(), out.display());
     println!("  certs/          study CA and certificates (private keys are owner-only)");
     println!("  data/           synthetic site data (clinical.csv, mri/, wsi/ per center) and truth.csv");
-    println!("  configs*/       study, server, site and admin configurations (one folder per model)");
+    println!(
+        "  configs*/       study, server, site and admin configurations and the dashboard token (one folder per model)"
+    );
     println!("  server-state*/  server.db (round records), checkpoints/ (`fedhcc export` converts them)");
     println!("  site-state/     each client's status.json and preprocessed images");
     println!("  data-check-*/   each site's data check (counts only), for the report's participant flow");

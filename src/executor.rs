@@ -212,14 +212,7 @@ impl ClinicalExecutor {
     /// An unknown split, or a model the site's inputs do not fit.
     pub fn predictions(&mut self, global: &ParameterSet, split: &str) -> Result<SitePredictions, ExecutorError> {
         let model = self.prepare(global)?;
-        if split == "all" {
-            let mut all = SitePredictions::default();
-            for k in 0..3 {
-                all.extend(self.score(&model, k)?);
-            }
-            return Ok(all);
-        }
-        self.score(&model, crate::site_evaluation::split_index(split)?)
+        crate::site_evaluation::split_predictions(split, |k| self.score(&model, k))
     }
 
     /// Split `k`'s patients scored by `model` (a trainable part, inputs prepared).
@@ -249,13 +242,14 @@ impl ClinicalExecutor {
         let (mean, std) = &stats;
         let d = self.cfg.inputs;
         for (raw, out) in self.raw.iter().zip([&mut self.train, &mut self.val, &mut self.test]) {
-            out.x.clone_from(&raw.x);
+            // Whole rows: after pooling, the counts, labels and ids change with the values.
+            out.clone_from(raw);
             for row in out.x.chunks_exact_mut(d.max(1)) {
                 fedhcc_cohort::standardise_row(&self.positions, row, mean, std);
             }
         }
         for (raw, out) in self.scored_raw.iter().zip(&mut self.scored) {
-            out.x.clone_from(&raw.x);
+            out.clone_from(raw);
             for row in out.x.chunks_exact_mut(d.max(1)) {
                 fedhcc_cohort::standardise_row(&self.positions, row, mean, std);
             }

@@ -5,6 +5,7 @@ mod admin_cmd;
 mod audit_cmd;
 mod bench;
 mod commands;
+mod cross_center;
 mod demo;
 mod executor;
 mod export;
@@ -13,6 +14,7 @@ mod mm_executor;
 mod preprocess;
 mod progress;
 mod report;
+mod simulation;
 mod site_evaluation;
 mod standardise;
 mod stats_cmd;
@@ -131,6 +133,11 @@ enum Command {
     /// (all of them, or one of its splits), writes predictions.csv (stays at the site), stats.json,
     /// validation.json and the plots.
     Validate(validate::ValidateArgs),
+    /// The cross-center study (a simulation with every site's data on this machine): the federated
+    /// model, leave-one-center-out federations, local-only models and the centralised model, each
+    /// scored at every center's held-out patients; writes the cross-center matrices (AUC, C-index for
+    /// RFS and OS) that `fedhcc report --cross-center` and the dashboard show.
+    Study(cross_center::StudyArgs),
     /// The study report from a server's state folder: report.html (self-contained), report.json and CSV
     /// tables (participant flow, per-site and pooled performance with CIs, training rounds, survival).
     Report(report::ReportArgs),
@@ -248,7 +255,7 @@ fn parse_strategy(s: &str) -> Result<fedhcc_core::aggregation::StrategyKind, Str
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(match cli.command {
-        Command::Bench(_) => "warn",
+        Command::Bench(_) | Command::Study(_) => "warn",
         _ => "info",
     }))
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -284,6 +291,7 @@ fn main() -> std::process::ExitCode {
         Command::Preprocess(args) => commands::preprocess(&args),
         Command::Stats(args) => stats_cmd::stats(&args),
         Command::Validate(args) => validate::validate(&args),
+        Command::Study(args) => cross_center::study(&args),
         Command::Report(args) => report::report(&args),
         Command::Audit(c) => audit_cmd::run(&c),
         Command::Data(DataCommand::Check { site_config, json }) => commands::data_check(&site_config, json),

@@ -227,14 +227,7 @@ impl MultimodalExecutor {
     /// An unknown split, or what [`fedhcc_model::evaluate_multimodal`] refuses.
     pub fn predictions(&mut self, global: &ParameterSet, split: &str) -> Result<SitePredictions, ExecutorError> {
         let model = self.prepare(global)?;
-        if split == "all" {
-            let mut all = SitePredictions::default();
-            for k in 0..3 {
-                all.extend(self.score(&model, k)?);
-            }
-            return Ok(all);
-        }
-        self.score(&model, crate::site_evaluation::split_index(split)?)
+        crate::site_evaluation::split_predictions(split, |k| self.score(&model, k))
     }
 
     fn dataset(&self, k: usize) -> &MultimodalDataset {

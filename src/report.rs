@@ -237,6 +237,27 @@ pub struct CrossCenter {
     /// What the matrix is (e.g. local-only models, leave-one-center-out).
     #[serde(default)]
     pub note: Option<String>,
+    /// Further matrices of the same models (e.g. `c_index_rfs`, `c_index_os`), as `fedhcc study` writes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secondary: Vec<CrossCenterMatrix>,
+}
+
+/// A further matrix of a cross-center study: one metric, the same rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrossCenterMatrix {
+    /// The metric in the cells.
+    pub metric: String,
+    /// One row per training setting.
+    pub rows: Vec<CrossCenterRow>,
+}
+
+impl CrossCenter {
+    /// Every matrix, the main one first: (metric, rows).
+    pub fn matrices(&self) -> impl Iterator<Item = (&str, &[CrossCenterRow])> {
+        std::iter::once((self.metric.as_str(), self.rows.as_slice()))
+            .chain(self.secondary.iter().map(|m| (m.metric.as_str(), m.rows.as_slice())))
+    }
 }
 
 /// One row of the cross-center matrix.
@@ -904,16 +925,18 @@ fn csv_tables(r: &StudyReport) -> Result<Vec<(&'static str, Vec<u8>)>> {
     out.push(("survival_km.csv", csv_bytes("survival_km.csv", &header, km)?));
 
     if let Some(m) = &r.cross_center {
-        let columns: BTreeSet<&String> = m.rows.iter().flat_map(|row| row.evaluated_at.keys()).collect();
-        let mut header = vec!["trained_on"];
+        let columns: BTreeSet<&String> =
+            m.matrices().flat_map(|(_, rows)| rows.iter().flat_map(|row| row.evaluated_at.keys())).collect();
+        let mut header = vec!["metric", "trained_on"];
         header.extend(columns.iter().map(|c| c.as_str()));
         let rows = m
-            .rows
-            .iter()
-            .map(|row| {
-                let mut cells = vec![row.trained_on.clone()];
-                cells.extend(columns.iter().map(|c| opt(row.evaluated_at.get(*c).copied().flatten())));
-                cells
+            .matrices()
+            .flat_map(|(metric, rows)| {
+                rows.iter().map(|row| {
+                    let mut cells = vec![metric.to_string(), row.trained_on.clone()];
+                    cells.extend(columns.iter().map(|c| opt(row.evaluated_at.get(*c).copied().flatten())));
+                    cells
+                })
             })
             .collect();
         out.push(("cross_center.csv", csv_bytes("cross_center.csv", &header, rows)?));

@@ -16,9 +16,8 @@
 //! score one of its own splits (`--split test`), with Youden's cut-off on its training split, as the
 //! federated evaluation does.
 
-use crate::executor::ClinicalExecutor;
-use crate::mm_executor::MultimodalExecutor;
 use crate::study::StudyModel;
+use crate::train::{Trainer, backend_for};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use fedhcc_core::params::ParameterSet;
@@ -195,18 +194,8 @@ fn score(
     params: &ParameterSet,
     splits: &[&str],
 ) -> Result<Vec<SitePredictions>> {
-    let out = match model.kind() {
-        "clinical" => {
-            let mut e = ClinicalExecutor::load(&site.data_dir, model, backend)?;
-            splits.iter().map(|s| e.predictions(params, s)).collect::<Result<Vec<_>, _>>()
-        }
-        "preop" | "postop" => {
-            let mut e = MultimodalExecutor::load(&site.data_dir, &site.state_dir, model, backend)?;
-            splits.iter().map(|s| e.predictions(params, s)).collect::<Result<Vec<_>, _>>()
-        }
-        other => bail!("the study's model kind '{other}' cannot be validated"),
-    };
-    Ok(out?)
+    let mut e = Trainer::load(model, site, backend)?;
+    splits.iter().map(|s| e.predictions(params, s)).collect()
 }
 
 /// `predictions.csv`: one row per patient with RFS (what `fedhcc stats` reads), OS beside it.
@@ -239,10 +228,7 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
     let (site, study) = fedhcc_core::config::load_site(&args.site_config)?;
     let model = StudyModel::from_study(&study).with_context(|| format!("{}: its study", args.site_config.display()))?;
     let m = read_study_model(&args.model, &study.study_id, &model, study.training.seed)?;
-    let backend: BackendKind = match args.backend.as_ref().or(site.backend.as_ref()) {
-        Some(b) => b.parse().map_err(|e| anyhow::anyhow!("backend: {e}"))?,
-        None => BackendKind::default(),
-    };
+    let backend = backend_for(args.backend.as_ref(), &site)?;
     let groups = fedhcc_core::standardisation::groups(m.params.layout());
     let carried = groups.iter().all(|(g, _)| fedhcc_core::standardisation::read(&m.params, g).is_some());
 

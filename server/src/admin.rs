@@ -10,6 +10,7 @@
 use crate::coordinator::{AdminCommand, Phase, RunControl};
 use crate::events::EventKind;
 use crate::metrics::RefusalReason;
+use crate::service::send_checkpoint;
 use crate::state::{Shared, lock, now_unix};
 use crate::store::{AdminActionRecord, Store};
 use fedhcc_core::config::StartMode;
@@ -19,7 +20,6 @@ use fedhcc_proto::MAX_CHUNK_BYTES;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -223,7 +223,7 @@ impl pb::admin_server::Admin for AdminService {
         let g = self.shared.global().ok_or_else(|| {
             Status::unavailable("a round is being aggregated; the new model is ready in a few seconds: try again")
         })?;
-        let mut file = tokio::fs::File::open(&g.path).await.map_err(|e| {
+        let file = tokio::fs::File::open(&g.path).await.map_err(|e| {
             tracing::error!(path = %g.path.display(), error = %e, "cannot open the global model checkpoint");
             Status::internal("the server cannot read its global model; the server log says why")
         })?;
@@ -254,20 +254,8 @@ impl pb::admin_server::Admin for AdminService {
             if tx.send(Ok(pb::ExportPart { part: Some(pb::export_part::Part::Header(header)) })).await.is_err() {
                 return;
             }
-            let mut left = g.bytes as usize;
-            while left > 0 {
-                let n = left.min(MAX_CHUNK_BYTES);
-                let mut buf = vec![0u8; n];
-                if let Err(e) = file.read_exact(&mut buf).await {
-                    tracing::error!(path = %g.path.display(), error = %e, "global model checkpoint read failed");
-                    let _ = tx.send(Err(Status::internal("the server could not read its global model"))).await;
-                    return;
-                }
-                left -= n;
-                if tx.send(Ok(pb::ExportPart { part: Some(pb::export_part::Part::Chunk(buf.into())) })).await.is_err() {
-                    return;
-                }
-            }
+            let chunk = |buf: Vec<u8>| pb::ExportPart { part: Some(pb::export_part::Part::Chunk(buf.into())) };
+            send_checkpoint(file, &g.path, g.bytes, &tx, chunk, |_| {}).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

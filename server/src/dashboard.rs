@@ -46,6 +46,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 
+pub mod cross_center;
+
 /// Name of the cookie that carries the token.
 pub const COOKIE: &str = "fedhcc_dashboard";
 /// Shortest token accepted from a token file.
@@ -444,8 +446,9 @@ async fn metrics(State(st): State<AppState>) -> Response {
 /// Everything the page draws: `status` (exactly `/api/status`), what each site announced at join,
 /// each committed round with every site's training loss, the evaluation reports (AUC, C-index, …
 /// per site and round), the event log, secure aggregation and DP (`privacy`, as in the status;
-/// `null` when the study uses neither), and the panels not filled in this version (`cross_center`:
-/// `null` = not available yet).
+/// `null` when the study uses neither), and the cross-center matrices of
+/// `<state_dir>/cross-center.json` (`cross_center`, see [`cross_center`]; `null` when there is no
+/// usable file).
 pub fn dashboard_json(shared: &Shared) -> serde_json::Value {
     use serde_json::json;
     let status = status_json(&status_reply(shared));
@@ -521,7 +524,7 @@ pub fn dashboard_json(shared: &Shared) -> serde_json::Value {
         "evaluations": evaluations,
         "pooled_evaluations": pooled_evaluations,
         "events": shared.events.recent(),
-        "cross_center": serde_json::Value::Null,
+        "cross_center": shared.spool_dir.parent().map_or(serde_json::Value::Null, cross_center::dashboard_value),
         // Secure aggregation and DP (ε spent, budget, last aborted attempt); null when neither is on.
         "privacy": if f.secure_aggregation || f.dp.is_some() {
             crate::privacy::status_json(Some(&crate::privacy::status(shared)))
@@ -768,6 +771,68 @@ mod tests {
         std::fs::write(&p, "0123456789abcdef;0123\n").unwrap();
         let e = load_or_create_token(&p).unwrap_err().to_string();
         assert!(e.contains("';'"), "{e}");
+    }
+
+    #[test]
+    fn the_cross_center_file_is_passed_on_when_present_and_null_when_absent_or_malformed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sh = shared(tmp.path());
+        let path = tmp.path().join(cross_center::FILE_NAME);
+        let warned = || cross_center::WARNED.lock().unwrap().get(&path).cloned();
+        assert!(dashboard_json(&sh)["cross_center"].is_null(), "no file: no panel");
+        assert_eq!(cross_center::read(&path), Ok(None));
+
+        std::fs::write(
+            &path,
+            r#"{"metric": "auc", "note": "local-only models and the federated one",
+                "rows": [{"trained_on": "a", "evaluated_at": {"a": 0.71, "b": null}},
+                         {"trained_on": "federated", "evaluated_at": {"a": 0.74, "b": 0.6875}}],
+                "secondary": [{"metric": "c_index_rfs", "rows": [{"trained_on": "a", "evaluated_at": {"b": 0.61}}]}]}"#,
+        )
+        .unwrap();
+        let cc = dashboard_json(&sh)["cross_center"].clone();
+        assert_eq!(
+            (cc["metric"].as_str(), cc["note"].as_str()),
+            (Some("auc"), Some("local-only models and the federated one"))
+        );
+        assert_eq!(cc["rows"][0], serde_json::json!({"trained_on": "a", "evaluated_at": {"a": 0.71, "b": null}}));
+        assert_eq!(cc["rows"][1]["evaluated_at"]["b"], 0.6875);
+        assert_eq!(cc["secondary"][0]["metric"], "c_index_rfs");
+        assert_eq!(cc["secondary"][0]["rows"][0]["evaluated_at"], serde_json::json!({"b": 0.61}));
+        // The report's own format (no secondary matrices) is read as it is.
+        std::fs::write(&path, r#"{"metric": "auc", "rows": []}"#).unwrap();
+        assert_eq!(
+            dashboard_json(&sh)["cross_center"],
+            serde_json::json!({"metric": "auc", "rows": [], "secondary": []})
+        );
+
+        let too_large = format!("{{\"metric\": \"auc\", \"rows\": [], \"note\": \"{}\"}}", "x".repeat(1 << 20));
+        for (bad, says) in [
+            ("{\"metric\": \"auc\", \"rows\": [", "EOF"),
+            ("[1, 2, 3]", "expected"),
+            (r#"{"metric": "auc"}"#, "missing field `rows`"),
+            (r#"{"metric": "auc", "rows": [{"trained_on": "a", "evaluated_at": {"b": "0.7"}}]}"#, "invalid type"),
+            (r#"{"metric": "auc", "rows": [], "colums": []}"#, "unknown field `colums`"),
+            (
+                r#"{"metric": "auc", "rows": [], "secondary": [{"metric": "c", "rows": [], "x": 1}]}"#,
+                "unknown field `x`",
+            ),
+            (too_large.as_str(), "larger than 1024 KiB"),
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = cross_center::read(&path).unwrap_err();
+            assert!(e.contains(&path.display().to_string()) && e.contains(says), "{says}: {e}");
+            assert!(dashboard_json(&sh)["cross_center"].is_null(), "{e}");
+            assert_eq!(warned(), Some(e), "logged once per problem");
+        }
+        // A folder in its place cannot be read either; a fixed file clears the warning.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(cross_center::read(&path).is_err());
+        assert!(dashboard_json(&sh)["cross_center"].is_null());
+        std::fs::remove_dir(&path).unwrap();
+        assert!(dashboard_json(&sh)["cross_center"].is_null());
+        assert_eq!(warned(), None);
     }
 
     #[test]

@@ -20,19 +20,19 @@ use fedhcc_proto::{
 };
 use fedhcc_secure::audit::Direction;
 use fedhcc_secure::policy::PolicyRule;
-use sha2::{Digest, Sha256};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 mod secagg;
+mod transfer;
 pub(crate) use secagg::roster as secagg_roster;
+pub(crate) use transfer::send_checkpoint;
 
 /// How often a waiting site hears from the server.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -381,7 +381,7 @@ impl pb::federation_server::Federation for FederationService {
             .shared
             .global()
             .ok_or_else(|| Status::unavailable("the global model is being aggregated; try again shortly"))?;
-        let mut file = tokio::fs::File::open(&g.path).await.map_err(|e| {
+        let file = tokio::fs::File::open(&g.path).await.map_err(|e| {
             tracing::error!(path = %g.path.display(), error = %e, "cannot open the global model checkpoint");
             Status::internal("the server cannot read its global model; the study lead has been told in the server log")
         })?;
@@ -410,22 +410,13 @@ impl pb::federation_server::Federation for FederationService {
             if tx.send(Ok(header)).await.is_err() {
                 return;
             }
-            let mut left = g.bytes as usize;
-            while left > 0 {
-                let n = left.min(MAX_CHUNK_BYTES);
-                let mut buf = vec![0u8; n];
-                if let Err(e) = file.read_exact(&mut buf).await {
-                    tracing::error!(path = %g.path.display(), error = %e, "global model checkpoint read failed");
-                    let _ = tx.send(Err(Status::internal("the server could not read its global model"))).await;
-                    return;
-                }
-                left -= n;
-                shared.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                if tx.send(Ok(pb::ModelPart { part: Some(pb::model_part::Part::Chunk(buf.into())) })).await.is_err() {
-                    return;
-                }
+            let chunk = |buf: Vec<u8>| pb::ModelPart { part: Some(pb::model_part::Part::Chunk(buf.into())) };
+            let count = |n| {
+                shared.bytes_out.fetch_add(n, Ordering::Relaxed);
+            };
+            if transfer::send_checkpoint(file, &g.path, g.bytes, &tx, chunk, count).await {
+                shared.audit.record(sent).await;
             }
-            shared.audit.record(sent).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -692,13 +683,7 @@ impl FederationService {
             .shared
             .global()
             .ok_or_else(|| Status::unavailable("the server is aggregating; the round has closed"))?;
-        if h.model_fingerprint != g.fingerprint().to_hex() {
-            return Err(Status::failed_precondition(format!(
-                "update layout {} does not match the study model {}",
-                &h.model_fingerprint[..h.model_fingerprint.len().min(12)],
-                g.fingerprint().short()
-            )));
-        }
+        transfer::check_update_layout(&h, &g)?;
         let expected = g.layout.payload_len() as u64;
         if h.total_bytes != expected {
             return Err(Status::invalid_argument(format!(
@@ -706,142 +691,43 @@ impl FederationService {
                 h.total_bytes
             )));
         }
-        let want_chunks = expected.div_ceil(MAX_CHUNK_BYTES as u64);
-        if u64::from(h.chunks) != want_chunks {
-            return Err(Status::invalid_argument(format!(
-                "update declares {} chunks; {expected} bytes travel in {want_chunks} chunks of at most {MAX_CHUNK_BYTES} bytes",
-                h.chunks
-            )));
-        }
-        if h.sha256.len() != 64 || !h.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Status::invalid_argument("sha256 must be 64 hexadecimal digits"));
-        }
+        let want_chunks = transfer::check_update_chunks("update", &h, expected)?;
         if h.num_samples == 0 || h.num_samples > 1_000_000_000 {
             return Err(Status::invalid_argument(format!("num_samples = {} (1 to 1e9 allowed)", h.num_samples)));
         }
 
         let dir = self.shared.spool_dir.join(&t.task_id);
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| spool_error(&dir, e))?;
-        let part = dir.join(format!("{site}.{}.part", uuid_like()));
-        let fin = dir.join(format!("{site}.upd"));
-        let received = self.spool(stream, &part, &g.layout, &h, want_chunks).await;
-        let bytes = match received {
-            Ok(b) => b,
-            Err(s) => {
-                let _ = tokio::fs::remove_file(&part).await;
-                return Err(s);
-            }
-        };
-        let res = SiteResult { samples: h.num_samples, metrics, bytes };
-        let actions = {
-            let mut coord = lock(&self.shared.coord);
-            // Re-checked under the lock: the task may have closed, or a parallel duplicate won.
-            if let Err(r) = coord.check_submission(site, TaskKind::Train, &t.task_id) {
-                drop(coord);
-                let _ = std::fs::remove_file(&part);
-                return Err(refusal_status(&r));
-            }
-            if !self.shared.allowed.contains(site) {
-                // Removed from the allow-list while uploading: its update is not used.
-                drop(coord);
-                let _ = std::fs::remove_file(&part);
-                return Err(Status::permission_denied(format!(
-                    "site '{site}' was removed from this study's allow-list by the study lead; the update was not used"
-                )));
-            }
-            if let Err(e) = std::fs::rename(&part, &fin) {
-                drop(coord);
-                let _ = std::fs::remove_file(&part);
-                return Err(spool_error(&fin, e));
-            }
-            coord
-                .submission_accepted(site, TaskKind::Train, &t.task_id, res, Instant::now())
-                .map_err(|r| refusal_status(&r))?
-        };
-        self.shared.bytes_in.fetch_add(bytes, Ordering::Relaxed);
-        if let Some(info) = lock(&self.shared.sites).get_mut(site) {
-            info.rounds_contributed += 1;
+        let check = PayloadCheck { reader: PayloadReader::new(), layout: &g.layout };
+        let file = transfer::spool_upload(&dir, site, "upd", stream, &h, want_chunks, check).await?;
+        let result = SiteResult { samples: h.num_samples, metrics, bytes: file.bytes };
+        let up = transfer::Spooled { task: &t, file, result, sha256: &h.sha256, what: "update" };
+        self.commit_upload(site, up, |coord| coord.check_submission(site, TaskKind::Train, &t.task_id)).await
+    }
+}
+
+/// A plain update's chunks: an f32 payload of the study model's layout, every value finite.
+struct PayloadCheck<'a> {
+    reader: PayloadReader,
+    layout: &'a Layout,
+}
+
+impl transfer::ChunkCheck for PayloadCheck<'_> {
+    fn chunk(&mut self, chunk: &[u8]) -> Result<(), Status> {
+        self.reader.push(chunk, |_, _| {}).map_err(|e| payload_status(&e))?;
+        if let Some(l) = self.reader.layout()
+            && l.fingerprint() != self.layout.fingerprint()
+        {
+            return Err(Status::failed_precondition(format!(
+                "the payload's layout {} does not match the study model {}",
+                l.fingerprint(),
+                self.layout.fingerprint()
+            )));
         }
-        tracing::info!(site, task = %t.task_id, bytes, samples = h.num_samples, "update accepted");
-        let entry = Entry {
-            direction: Direction::Received,
-            peer: site.to_string(),
-            task: t.task_id.clone(),
-            round: t.round,
-            kind: "update",
-            bytes,
-            sha256: sha_bytes(&h.sha256),
-        };
-        self.shared.audit.record(entry).await;
-        self.shared.apply(actions);
-        Ok(pb::UploadReply { accepted: true, message: format!("update for {} accepted", t.task_id) })
+        Ok(())
     }
 
-    /// Receives the chunks into `part`, checking size limits, finiteness and the hash as they come.
-    async fn spool(
-        &self,
-        stream: &mut Streaming<pb::UploadPart>,
-        part: &std::path::Path,
-        layout: &fedhcc_core::params::Layout,
-        h: &pb::UpdateHeader,
-        want_chunks: u64,
-    ) -> Result<u64, Status> {
-        let mut file = tokio::fs::File::create(part).await.map_err(|e| spool_error(part, e))?;
-        let mut hasher = Sha256::new();
-        let mut reader = PayloadReader::new();
-        let mut chunks = 0u64;
-        let mut bytes = 0u64;
-        loop {
-            let msg = tokio::time::timeout(CHUNK_IDLE_TIMEOUT, stream.message()).await.map_err(|_| {
-                Status::deadline_exceeded(format!("no chunk for {} s; upload abandoned", CHUNK_IDLE_TIMEOUT.as_secs()))
-            })??;
-            let Some(msg) = msg else { break };
-            let Some(pb::upload_part::Part::Chunk(chunk)) = msg.part else {
-                return Err(Status::invalid_argument("a second header arrived inside the upload"));
-            };
-            chunks += 1;
-            if chunks > want_chunks {
-                return Err(Status::invalid_argument(format!("more chunks than the {want_chunks} declared")));
-            }
-            if chunk.is_empty() || chunk.len() > MAX_CHUNK_BYTES {
-                return Err(Status::invalid_argument(format!(
-                    "chunk {chunks} is {} bytes (1 to {MAX_CHUNK_BYTES} allowed)",
-                    chunk.len()
-                )));
-            }
-            bytes += chunk.len() as u64;
-            if bytes > h.total_bytes {
-                return Err(Status::invalid_argument(format!("more bytes than the {} declared", h.total_bytes)));
-            }
-            hasher.update(&chunk);
-            reader.push(&chunk, |_, _| {}).map_err(|e| payload_status(&e))?;
-            if let Some(l) = reader.layout()
-                && l.fingerprint() != layout.fingerprint()
-            {
-                return Err(Status::failed_precondition(format!(
-                    "the payload's layout {} does not match the study model {}",
-                    l.fingerprint(),
-                    layout.fingerprint()
-                )));
-            }
-            file.write_all(&chunk).await.map_err(|e| spool_error(part, e))?;
-        }
-        if bytes != h.total_bytes || chunks != want_chunks {
-            return Err(Status::invalid_argument(format!(
-                "upload ended after {bytes} of {} bytes ({chunks} of {want_chunks} chunks)",
-                h.total_bytes
-            )));
-        }
-        reader.finish().map_err(|e| payload_status(&e))?;
-        let got = hex::encode(hasher.finalize());
-        if !got.eq_ignore_ascii_case(&h.sha256) {
-            return Err(Status::data_loss(format!(
-                "SHA-256 of the received update is {got}, the header declared {}; nothing was stored",
-                h.sha256
-            )));
-        }
-        file.flush().await.map_err(|e| spool_error(part, e))?;
-        Ok(bytes)
+    fn end(self) -> Result<(), Status> {
+        self.reader.finish().map_err(|e| payload_status(&e))
     }
 }
 

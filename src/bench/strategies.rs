@@ -8,20 +8,17 @@
 //! `strategies.md` (comparison table), `strategies.json` (every number) and `convergence.svg`
 //! (test AUC per round, one panel per site, one line per strategy, mean over seeds).
 
-use crate::executor::{ClinicalExecutor, site_executor};
-use crate::study::StudyModel;
+use crate::simulation::{SimSite, run_federation};
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use fedhcc_client::Executor as _;
 use fedhcc_core::aggregation::StrategyKind;
-use fedhcc_core::config::{ServerConfig, StudyConfig};
-use fedhcc_core::pki::{self, CertDir, ClientTlsFiles, ServerTlsFiles};
+use fedhcc_core::config::StudyConfig;
+use fedhcc_core::pki;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
+use std::time::Instant;
 
 /// The study used when no `--config` is given: the demo's logistic model on the preoperative
 /// clinical preset.
@@ -231,22 +228,6 @@ fn study_for(base: &StudyConfig, kind: StrategyKind, rounds: u32, seed: u64, pro
     Ok(s)
 }
 
-/// Links a site's prepared images into a fresh site state folder.
-fn link_prepared(prepared: &Path, state: &Path) -> Result<()> {
-    if !prepared.is_dir() {
-        bail!("{}: no prepared images there (run `fedhcc preprocess` for this site)", prepared.display());
-    }
-    std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
-    let link = state.join(crate::preprocess::FOLDER);
-    #[cfg(unix)]
-    std::os::unix::fs::symlink(std::path::absolute(prepared)?, &link)
-        .with_context(|| format!("linking {} to {}", link.display(), prepared.display()))?;
-    #[cfg(not(unix))]
-    bail!("--site-state needs a Unix system (symbolic links); prepare the images in {}", link.display());
-    #[cfg(unix)]
-    Ok(())
-}
-
 async fn run_one(
     dir: &Path,
     certs: &Path,
@@ -257,76 +238,17 @@ async fn run_one(
     seed: u64,
 ) -> Result<RunResult> {
     study.federation.min_sites = sites.len();
-    let model = StudyModel::from_study(&study)?;
-    let initial = model.initial_params(seed)?;
-    let c = CertDir::new(certs);
-    let config = ServerConfig {
-        study: dir.join("study.toml"),
-        listen: "127.0.0.1:0".into(),
-        state_dir: dir.join("server-state"),
-        tls: ServerTlsFiles { ca: c.ca(), cert: c.server(), key: c.server_key(), crl: c.crl() },
-        allowed_sites: sites.to_vec(),
-        keep_checkpoints: 2,
-        dashboard: None,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let token = CancellationToken::new();
-    let t0 = Instant::now();
     let kind = study.federation.strategy.clone();
-    let server = tokio::spawn(fedhcc_server::run(
-        listener,
-        fedhcc_server::ServerOptions { config, study: study.clone(), initial_model: initial },
-        token.clone(),
-    ));
-    let mut clients = Vec::new();
-    let mut train_samples = BTreeMap::new();
-    for s in sites {
-        // The executor `fedhcc client` would run for this study's model.
-        let (backend, state) = (fedhcc_model::BackendKind::default(), dir.join("site-state").join(s));
-        if let Some(prepared) = site_state {
-            link_prepared(&prepared.join(s).join(crate::preprocess::FOLDER), &state)?;
-        }
-        let executor = if model.multimodal_config()?.is_some() {
-            let inner = crate::mm_executor::MultimodalExecutor::load(&data.join(s), &state, &model, backend)?;
-            site_executor(inner, &study, &model, &state)?
-        } else {
-            site_executor(ClinicalExecutor::load(&data.join(s), &model, backend)?, &study, &model, &state)?
-        };
-        train_samples.insert(s.clone(), executor.num_samples());
-        let opts = fedhcc_client::ClientOptions {
-            site_id: s.clone(),
-            study_id: study.study_id.clone(),
-            run_id: study.run_id.clone(),
-            target: fedhcc_client::ServerTarget {
-                url: format!("https://{addr}"),
-                server_name: "localhost".into(),
-                tls: ClientTlsFiles { ca: c.ca(), cert: c.site(s), key: c.site_key(s) },
-            },
-            min_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(1),
-            give_up_after: Some(Duration::from_secs(60)),
-            state_dir: None,
-            policy: Default::default(),
-        };
-        clients.push(tokio::spawn(fedhcc_client::run(opts, executor, token.clone())));
-    }
-    let outcome = server.await.context("server task")?;
-    let outcome = match outcome {
-        Ok(o) => o,
-        Err(e) => {
-            token.cancel();
-            return Err(e).context("the server stopped");
-        }
-    };
-    for c in clients {
-        c.await.context("client task")?.context("a site's client failed")?;
-    }
-    let wall_s = t0.elapsed().as_secs_f64();
-    if !outcome.finished {
-        bail!("{kind}: the run did not finish ({} rounds committed)", outcome.rounds_completed);
-    }
-    let store = fedhcc_server::store::Store::open(&dir.join("server-state"), &study.run_id)?;
+    let sim_sites: Vec<SimSite> = sites
+        .iter()
+        .map(|s| SimSite {
+            id: s.clone(),
+            data_dir: data.join(s),
+            prepared: site_state.map(|p| p.join(s).join(crate::preprocess::FOLDER)),
+        })
+        .collect();
+    let sim = run_federation(dir, certs, &sim_sites, &study, seed).await.with_context(|| kind.clone())?;
+    let store = fedhcc_server::store::Store::open(&sim.server_state, &study.run_id)?;
     let recs = store.rounds()?;
     let bytes_per_round =
         recs.iter().map(|r| (r.bytes_in + r.bytes_out) as f64).sum::<f64>() / recs.len().max(1) as f64;
@@ -347,11 +269,11 @@ async fn run_one(
     Ok(RunResult {
         strategy: kind,
         seed,
-        wall_s,
+        wall_s: sim.wall_s,
         rounds: recs.len() as u32,
         bytes_per_round,
-        final_sha256: outcome.final_sha256,
-        train_samples,
+        final_sha256: sim.outcome.final_sha256,
+        train_samples: sim.train_samples,
         test,
     })
 }

@@ -648,27 +648,6 @@ mod tests {
     use fedhcc_stats::federated::{EvaluationSettings, SitePredictions};
     use serde_json::json;
 
-    /// A site's held-out predictions: deterministic, scores loosely predicting label and survival.
-    fn predictions(n: usize, seed: u64) -> SitePredictions {
-        let mut p = SitePredictions::default();
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut unit = || {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-        };
-        for _ in 0..n {
-            let s = 0.02 + 0.96 * unit();
-            p.score.push(s);
-            p.label.push(Some(unit() < s));
-            let t = (30.0 + 2000.0 * unit() * (1.2 - s)).round();
-            p.rfs.push(Some((t, unit() < 0.3 + 0.5 * s)));
-            p.os.push(Some((t + 100.0, unit() < 0.2 + 0.3 * s)));
-        }
-        p
-    }
-
     fn settings() -> EvaluationSettings {
         EvaluationSettings { cutoff: Some(0.5), histogram_bins: 100, min_cell: 5, ..EvaluationSettings::default() }
     }
@@ -678,7 +657,7 @@ mod tests {
     }
 
     fn two_sites() -> (Value, SitePredictions) {
-        let (a, b) = (predictions(120, 1), predictions(80, 2));
+        let (a, b) = (SitePredictions::synthetic(120, 1), SitePredictions::synthetic(80, 2));
         let file = json!({
             "task_id": "e2a1",
             "sites": [

@@ -578,24 +578,26 @@ fn cross_center(out: &mut String, r: &StudyReport) {
              every center comes from the cross-center study.",
         ),
         Some(m) => {
-            let columns: BTreeSet<&String> = m.rows.iter().flat_map(|row| row.evaluated_at.keys()).collect();
             if let Some(n) = &m.note {
                 let _ = writeln!(out, "<p>{}</p>", esc(n));
             }
-            let _ = write!(out, "<table><tr><th>Trained on \\ evaluated at ({})</th>", esc(&m.metric));
-            for c in &columns {
-                let _ = write!(out, "<th>{}</th>", esc(c));
-            }
-            out.push_str("</tr>\n");
-            for row in &m.rows {
-                let _ = write!(out, "<tr><th>{}</th>", esc(&row.trained_on));
+            for (metric, rows) in m.matrices() {
+                let columns: BTreeSet<&String> = rows.iter().flat_map(|row| row.evaluated_at.keys()).collect();
+                let _ = write!(out, "<table><tr><th>Trained on \\ evaluated at ({})</th>", esc(metric));
                 for c in &columns {
-                    let v = row.evaluated_at.get(*c).copied().flatten();
-                    let _ = write!(out, "<td class=\"num\">{}</td>", f3(v));
+                    let _ = write!(out, "<th>{}</th>", esc(c));
                 }
                 out.push_str("</tr>\n");
+                for row in rows {
+                    let _ = write!(out, "<tr><th>{}</th>", esc(&row.trained_on));
+                    for c in &columns {
+                        let v = row.evaluated_at.get(*c).copied().flatten();
+                        let _ = write!(out, "<td class=\"num\">{}</td>", f3(v));
+                    }
+                    out.push_str("</tr>\n");
+                }
+                out.push_str("</table>\n");
             }
-            out.push_str("</table>\n");
         }
     }
     out.push_str("</section>\n");

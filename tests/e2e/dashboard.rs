@@ -324,6 +324,8 @@ impl Browser {
         const STATE: &str = r#"(() => {
             const t = (id) => { const e = document.getElementById(id); return e ? e.textContent : null; };
             const rows = [...document.querySelectorAll('#sites tbody tr')];
+            const cells = (sel) => [...document.querySelectorAll(sel)]
+                .map((r) => [...r.children].map((c) => c.textContent));
             return {
                 url: location.href,
                 round: t('round'), completed: t('rounds-completed'), phase: t('phase'),
@@ -336,6 +338,8 @@ impl Browser {
                 loss_points: document.querySelectorAll('#chart-loss circle').length,
                 auc_points: document.querySelectorAll('#chart-auc circle').length,
                 cross_center: t('cross-center'), privacy: t('privacy'),
+                matrices: [...document.querySelectorAll('#cross-center h3')].map((h) => h.textContent),
+                matrix_cells: cells('#cross-center table.matrix tr'), privacy_cells: cells('#privacy tr'),
                 events: document.querySelectorAll('#events li').length,
                 external: performance.getEntriesByType('resource').map((e) => e.name)
                     .filter((n) => !n.startsWith(location.origin)),
@@ -466,9 +470,46 @@ async fn dashboard_in_chromium_follows_a_live_run_with_two_sites() {
     // Rounds 1 and 2 were evaluated; round 3's evaluation is held: two AUC points per site.
     let p = browser.wait_for("two evaluations per site", |p| p["auc_points"].as_u64() == Some(4)).await;
     assert!(p["cross_center"].as_str().unwrap().contains("Not available yet"), "{p:#}");
-    assert!(p["privacy"].as_str().unwrap().contains("Not available yet"), "{p:#}");
+    assert_eq!(
+        p["privacy_cells"],
+        json!([
+            ["Secure aggregation", "off: the server receives each site's update (encrypted in transit by mutual TLS)"],
+            ["Differential privacy", "off: no noise is added, no ε is spent"],
+        ]),
+        "the privacy panel is a table of sentences, not JSON: {p:#}"
+    );
     assert!(p["events"].as_u64().unwrap() > 5, "{p:#}");
     assert_eq!(p["external"], json!([]), "the page loads nothing from elsewhere");
+
+    // A cross-center matrix put in the state folder appears as tables: a row per model, a column
+    // per site (the study's order), 3 decimals, "–" where a model was not evaluated.
+    std::fs::write(
+        tmp.path().join("state/cross-center.json"),
+        r#"{"metric": "auc", "note": "local-only models and the federated one",
+            "rows": [{"trained_on": "center_a", "evaluated_at": {"center_b": 0.64, "center_a": 0.7149}},
+                     {"trained_on": "center_b", "evaluated_at": {"center_a": null, "center_b": 0.7}},
+                     {"trained_on": "federated", "evaluated_at": {"center_a": 0.73, "center_b": 0.69}}],
+            "secondary": [{"metric": "c_index_rfs", "rows": [{"trained_on": "federated",
+                           "evaluated_at": {"center_a": 0.66, "center_b": 0.61}}]}]}"#,
+    )
+    .unwrap();
+    let p =
+        browser.wait_for("the cross-center tables", |p| p["matrices"].as_array().is_some_and(|m| m.len() == 2)).await;
+    assert_eq!(p["matrices"], json!(["AUC", "C-index (RFS)"]));
+    let corner = "trained on ↓ · evaluated at →";
+    assert_eq!(
+        p["matrix_cells"],
+        json!([
+            [corner, "center_a", "center_b"],
+            ["center_a", "0.715", "0.640"],
+            ["center_b", "–", "0.700"],
+            ["federated", "0.730", "0.690"],
+            [corner, "center_a", "center_b"],
+            ["federated", "0.660", "0.610"],
+        ]),
+        "{p:#}"
+    );
+    assert!(p["cross_center"].as_str().unwrap().contains("local-only models and the federated one"), "{p:#}");
 
     let (png, w, h) = browser.screenshot().await;
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");

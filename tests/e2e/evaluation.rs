@@ -8,8 +8,8 @@
 //! site's bad evaluation summary is refused by the server with nothing stored.
 
 use crate::harness::{
-    FEDHCC_BIN, STUDY, chunks, fedhcc, header_for, json, make_certs, model, next_train, open_tasks, raw_upload,
-    start_server,
+    FEDHCC_BIN, STUDY, assert_stats_json_keys, chunks, fedhcc, header_for, json, make_certs, model, next_train,
+    open_tasks, raw_upload, start_server,
 };
 use fedhcc_proto as pb;
 use fedhcc_stats::federated::{EvaluationSettings, SiteEvaluation, SitePredictions};
@@ -293,30 +293,7 @@ fn federated_evaluation_matches_site_predictions_and_validate_works_at_an_extern
     let external_cfg = dir.join("site-center_c.toml");
     let out = dir.join("validate-center_c");
     let (stats, validation, _) = validate(&local_st, &external_cfg, &out, &["--bootstrap", "200"]);
-    for key in [
-        "n",
-        "n_labelled",
-        "n_positive",
-        "n_events",
-        "auc",
-        "brier",
-        "calibration",
-        "cutoff",
-        "sensitivity",
-        "specificity",
-        "ppv",
-        "npv",
-        "c_index_harrell",
-        "c_index_uno",
-        "logrank",
-        "cox",
-        "km",
-        "td_auc",
-        "net_benefit",
-        "notes",
-    ] {
-        assert!(stats.get(key).is_some(), "stats.json lacks '{key}'");
-    }
+    assert_stats_json_keys(&stats);
     assert!(stats["auc"]["estimate"].as_f64().is_some(), "{}", stats["notes"]);
     assert_eq!(validation["external"], true);
     assert_eq!(validation["split"], "all");

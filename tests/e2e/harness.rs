@@ -282,3 +282,36 @@ pub fn json(args: &[&str]) -> serde_json::Value {
     assert!(ok, "fedhcc {args:?} failed: {stderr}");
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("fedhcc {args:?}: not JSON ({e}): {stdout}"))
 }
+
+/// The keys every `stats.json` holds (`fedhcc stats`, `fedhcc validate`; `fedhcc_stats::report::StatsReport`).
+pub const STATS_JSON_KEYS: [&str; 22] = [
+    "n",
+    "n_labelled",
+    "n_positive",
+    "n_events",
+    "auc",
+    "brier",
+    "calibration",
+    "cutoff",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "c_index_harrell",
+    "c_index_uno",
+    "logrank",
+    "cox",
+    "km",
+    "td_auc",
+    "net_benefit",
+    "notes",
+    "cutoff_source",
+    "roc",
+];
+
+/// Asserts that `stats` has every key of [`STATS_JSON_KEYS`].
+pub fn assert_stats_json_keys(stats: &serde_json::Value) {
+    for key in STATS_JSON_KEYS {
+        assert!(stats.get(key).is_some(), "stats.json lacks '{key}'");
+    }
+}

@@ -4,6 +4,7 @@
 
 mod admin;
 mod audit;
+mod cross_center;
 mod dashboard;
 mod docs;
 mod drills;

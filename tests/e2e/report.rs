@@ -147,27 +147,6 @@ fn the_demo_ends_with_a_self_contained_report_and_a_bad_state_folder_writes_noth
     assert!(!ok && stderr.contains("run-9") && stderr.contains("run-1"), "{stderr}");
 }
 
-/// A site's held-out predictions: deterministic, the score loosely predicting label and survival.
-fn predictions(n: usize, seed: u64) -> SitePredictions {
-    let mut p = SitePredictions::default();
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut unit = || {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-    };
-    for _ in 0..n {
-        let s = 0.02 + 0.96 * unit();
-        p.score.push(s);
-        p.label.push(Some(unit() < s));
-        let t = (30.0 + 1500.0 * unit() * (1.2 - s)).round();
-        p.rfs.push(Some((t, unit() < 0.3 + 0.5 * s)));
-        p.os.push(Some((t + 200.0, unit() < 0.2 + 0.3 * s)));
-    }
-    p
-}
-
 /// A server state folder as a finished run leaves it: one committed round with its checkpoint, the
 /// evaluation records, the pooled evaluation file and the effective configuration.
 fn state_with_evaluation(state: &Path) -> Vec<(String, SitePredictions)> {
@@ -175,7 +154,10 @@ fn state_with_evaluation(state: &Path) -> Vec<(String, SitePredictions)> {
     store.check_identity("study-x", "fingerprint-x").unwrap();
     let model = crate::harness::model(10);
     let (path, sha, _) = store.write_checkpoint(1, &model).unwrap();
-    let sites = vec![("center_a".to_string(), predictions(160, 1)), ("center_b".to_string(), predictions(120, 2))];
+    let sites = vec![
+        ("center_a".to_string(), SitePredictions::synthetic(160, 1)),
+        ("center_b".to_string(), SitePredictions::synthetic(120, 2)),
+    ];
     store
         .commit_round(&RoundRecord {
             round: 1,

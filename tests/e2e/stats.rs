@@ -2,7 +2,7 @@
 //! stats.json checked against the reference packages' numbers (`shared/stats/tests/reference.json`,
 //! from `scripts/stats_reference.py`), and bad input refused with nothing written.
 
-use crate::harness::fedhcc;
+use crate::harness::{assert_stats_json_keys, fedhcc};
 use serde_json::Value;
 use std::path::Path;
 
@@ -97,37 +97,10 @@ fn run_case(name: &str) -> (Value, Value) {
     (stats, case["expected"].clone())
 }
 
-const REQUIRED_KEYS: [&str; 22] = [
-    "n",
-    "n_labelled",
-    "n_positive",
-    "n_events",
-    "auc",
-    "brier",
-    "calibration",
-    "cutoff",
-    "sensitivity",
-    "specificity",
-    "ppv",
-    "npv",
-    "c_index_harrell",
-    "c_index_uno",
-    "logrank",
-    "cox",
-    "km",
-    "td_auc",
-    "net_benefit",
-    "notes",
-    "cutoff_source",
-    "roc",
-];
-
 #[test]
 fn stats_with_probability_score_and_cutoff_matches_reference_packages() {
     let (stats, expected) = run_case("lung_prob_cutoff");
-    for key in REQUIRED_KEYS {
-        assert!(stats.get(key).is_some(), "stats.json lacks '{key}'");
-    }
+    assert_stats_json_keys(&stats);
     for key in ["estimate", "se", "ci_low", "ci_high"] {
         assert!(stats["auc"][key].is_number(), "auc.{key}");
     }

@@ -28,6 +28,16 @@
     return (typeof x === 'number' && isFinite(x)) ? x.toFixed(digits) : '–';
   }
 
+  // A byte count in the unit that keeps it readable (a clinical model's update is a few kB, an
+  // image model's megabytes).
+  function bytes(n) {
+    if (typeof n !== 'number' || !isFinite(n)) return '–';
+    if (n < 1e3) return n + ' B';
+    if (n < 1e6) return (n / 1e3).toFixed(1) + ' kB';
+    if (n < 1e9) return (n / 1e6).toFixed(1) + ' MB';
+    return (n / 1e9).toFixed(2) + ' GB';
+  }
+
   function ago(unix, now) {
     if (!unix) return 'never';
     const s = Math.max(0, now - unix);
@@ -181,8 +191,8 @@
       tr.appendChild(el('td', fmt(r.mean_train_loss, 4), 'num'));
       tr.appendChild(el('td', fmt(r.duration_s, 1), 'num'));
       tr.appendChild(el('td', fmt(x.aggregate_s, 3), 'num'));
-      tr.appendChild(el('td', fmt(r.bytes_in / 1e6, 2), 'num'));
-      tr.appendChild(el('td', fmt(r.bytes_out / 1e6, 2), 'num'));
+      tr.appendChild(el('td', bytes(r.bytes_in), 'num'));
+      tr.appendChild(el('td', bytes(r.bytes_out), 'num'));
       tr.appendChild(el('td', x.failures.map((f) => f.site_id).join(', ')));
       body.appendChild(tr);
     });
@@ -220,26 +230,97 @@
     });
   }
 
-  function renderOptional(box, value, notYet) {
-    box.replaceChildren();
-    if (value === null || value === undefined) {
-      box.appendChild(el('div', notYet, 'na'));
-    } else if (Array.isArray(value.sites) && Array.isArray(value.matrix)) {
-      const t = el('table');
-      const head = el('tr');
-      head.appendChild(el('th', 'trained on ↓ / tested at →'));
-      value.sites.forEach((s) => head.appendChild(el('th', s, 'num')));
-      t.appendChild(head);
-      value.matrix.forEach((row, i) => {
-        const tr = el('tr');
-        tr.appendChild(el('th', value.rows ? value.rows[i] : value.sites[i]));
-        row.forEach((v) => tr.appendChild(el('td', fmt(v, 3), 'num')));
-        t.appendChild(tr);
-      });
-      box.appendChild(t);
-    } else {
-      box.appendChild(el('pre', JSON.stringify(value, null, 2)));
+  // A metric's key as a heading: auc → AUC, c_index_rfs → C-index (RFS); others with spaces.
+  function metricLabel(key) {
+    const names = { td_auc: 'time-dependent AUC', auc: 'AUC', c_index: 'C-index', brier: 'Brier score' };
+    for (const k of Object.keys(names)) {
+      if (key === k) return names[k];
+      if (key.startsWith(k + '_')) {
+        const rest = key.slice(k.length + 1);
+        return names[k] + ' (' + (rest.length <= 4 ? rest.toUpperCase() : rest.replace(/_/g, ' ')) + ')';
+      }
     }
+    return key.replace(/_/g, ' ');
+  }
+
+  // Each cross-center matrix as a table: a row per model (what it was trained on), a column per
+  // evaluating site (the study's sites first, in their order), 3 decimals, '–' where not evaluated.
+  function renderCrossCenter(box, cc, d) {
+    box.replaceChildren();
+    if (cc === null || cc === undefined) {
+      box.appendChild(el('div', 'Not available yet: put the matrix of each model evaluated at each center in ' +
+        'cross-center.json in the server\'s state folder and it appears here.', 'na'));
+      return;
+    }
+    const matrices = [{ metric: cc.metric, rows: cc.rows, note: cc.note }].concat(cc.secondary || []);
+    const known = d.status.sites.map((s) => s.site_id);
+    matrices.forEach((m) => {
+      const seen = new Set();
+      m.rows.forEach((r) => Object.keys(r.evaluated_at).forEach((k) => seen.add(k)));
+      const cols = known.filter((s) => seen.has(s)).concat([...seen].filter((s) => !known.includes(s)).sort());
+      const h = el('h3', metricLabel(m.metric));
+      h.title = m.metric;
+      box.appendChild(h);
+      if (m.rows.length === 0) {
+        box.appendChild(el('div', 'No row in this matrix.', 'na'));
+      } else {
+        const t = el('table', null, 'matrix');
+        const head = el('tr');
+        head.appendChild(el('th', 'trained on ↓ · evaluated at →'));
+        cols.forEach((c) => head.appendChild(el('th', c, 'num')));
+        t.appendChild(head);
+        m.rows.forEach((r) => {
+          const tr = el('tr');
+          tr.appendChild(el('th', r.trained_on));
+          cols.forEach((c) => tr.appendChild(el('td', fmt(r.evaluated_at[c], 3), 'num')));
+          t.appendChild(tr);
+        });
+        box.appendChild(t);
+      }
+      if (m.note) box.appendChild(el('div', m.note, 'hint'));
+    });
+  }
+
+  // Secure aggregation and differential privacy as a two-column table of plain sentences.
+  function renderPrivacy(box, p) {
+    box.replaceChildren();
+    const t = el('table', null, 'facts');
+    const row = (k, v, cls) => {
+      const tr = el('tr');
+      tr.appendChild(el('th', k));
+      tr.appendChild(el('td', v, cls || ''));
+      t.appendChild(tr);
+    };
+    if (p === null || p === undefined) {
+      row('Secure aggregation', 'off: the server receives each site\'s update (encrypted in transit by mutual TLS)');
+      row('Differential privacy', 'off: no noise is added, no ε is spent');
+      box.appendChild(t);
+      return;
+    }
+    row('Secure aggregation', p.secure_aggregation
+      ? 'on: the server sees only the sum of the sites\' masked updates'
+      : 'off: the server receives each site\'s update (encrypted in transit by mutual TLS)', p.secure_aggregation ? 'ok' : '');
+    if (p.secure_aggregation) {
+      row('Roster now', p.roster && p.roster.length
+        ? p.roster.join(', ') + ' (the sites whose masked updates make up this round\'s sum)'
+        : '– (fixed at each round\'s key exchange)');
+    }
+    if (p.dp) {
+      row('Differential privacy', 'on: noise multiplier ' + p.dp.noise_multiplier + ', L2 clip ' + p.dp.l2_clip +
+        ', δ = ' + p.dp.delta);
+      const budget = typeof p.dp.epsilon_budget === 'number'
+        ? ' of a budget of ' + fmt(p.dp.epsilon_budget, 2) +
+          (typeof p.dp.rounds_allowed === 'number' ? ' (it allows ' + p.dp.rounds_allowed + ' rounds)' : '')
+        : ' (no budget set)';
+      row('ε spent', fmt(p.dp.epsilon, 2) + budget, 'strong');
+    } else {
+      row('Differential privacy', 'off: no noise is added, no ε is spent');
+    }
+    if (p.secure_aggregation) {
+      row('Aborted attempts', p.aborted_attempts ? String(p.aborted_attempts) : 'none');
+      row('Last aborted attempt', p.last_abort || 'none', p.last_abort ? 'bad' : '');
+    }
+    box.appendChild(t);
   }
 
   function renderEvents(d) {
@@ -262,10 +343,8 @@
     renderSites(d, colors);
     renderRounds(d);
     renderCharts(d, colors);
-    renderOptional($('cross-center'), d.cross_center,
-      'Not available yet: the matrix of every site\'s model tested at every other site comes with the cross-center evaluation.');
-    renderOptional($('privacy'), d.privacy,
-      'Not available yet: differential privacy is not enabled for this run, so no ε is spent.');
+    renderCrossCenter($('cross-center'), d.cross_center, d);
+    renderPrivacy($('privacy'), d.privacy);
     renderEvents(d);
     $('conn-state').textContent = d.store_error ? 'the server cannot read its records: ' + d.store_error : '';
   }

@@ -6,22 +6,15 @@
 //! chunking and hash, not for finiteness. It is spooled as `spool/<task>/<site>.msk`; the driver folds
 //! the files of every roster member into one sum and decodes only that ([`crate::secure_sum`]).
 
-use super::{
-    CHUNK_IDLE_TIMEOUT, FederationService, check_metrics, check_str, refusal_status, sha_bytes, spool_error, uuid_like,
-};
-use crate::audit::Entry;
-use crate::coordinator::{RosterKeys, RosterState, SiteResult, TaskKind};
+use super::{FederationService, check_metrics, check_str, refusal_status, transfer};
+use crate::coordinator::{RosterKeys, RosterState, SiteResult};
 use crate::state::lock;
 use fedhcc_core::config::StudyConfig;
 use fedhcc_core::privacy;
 use fedhcc_proto as pb;
-use fedhcc_proto::{ENCODING_SECAGG_U64, KEY_BYTES, MAX_CHUNK_BYTES, MAX_SAMPLES};
-use fedhcc_secure::audit::Direction;
+use fedhcc_proto::{ENCODING_SECAGG_U64, KEY_BYTES, MAX_SAMPLES};
 use fedhcc_secure::secagg::{Roster, SecAggContext};
-use sha2::{Digest, Sha256};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 use tonic::{Status, Streaming};
 
 /// The fixed-point encoding a train task carries under secure aggregation (`None` without it, or
@@ -165,13 +158,7 @@ impl FederationService {
             .shared
             .global()
             .ok_or_else(|| Status::unavailable("the server is aggregating; the round has closed"))?;
-        if h.model_fingerprint != g.fingerprint().to_hex() {
-            return Err(Status::failed_precondition(format!(
-                "update layout {} does not match the study model {}",
-                &h.model_fingerprint[..h.model_fingerprint.len().min(12)],
-                g.fingerprint().short()
-            )));
-        }
+        transfer::check_update_layout(&h, &g)?;
         let expected = (g.layout.numel() as u64).saturating_mul(8);
         if h.total_bytes != expected {
             return Err(Status::invalid_argument(format!(
@@ -180,17 +167,7 @@ impl FederationService {
                 g.layout.numel()
             )));
         }
-        let want_chunks = expected.div_ceil(MAX_CHUNK_BYTES as u64);
-        if u64::from(h.chunks) != want_chunks {
-            return Err(Status::invalid_argument(format!(
-                "masked update declares {} chunks; {expected} bytes travel in {want_chunks} chunks of at most \
-                 {MAX_CHUNK_BYTES} bytes",
-                h.chunks
-            )));
-        }
-        if h.sha256.len() != 64 || !h.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Status::invalid_argument("sha256 must be 64 hexadecimal digits"));
-        }
+        let want_chunks = transfer::check_update_chunks("masked update", &h, expected)?;
         if h.num_samples == 0 || h.num_samples > MAX_SAMPLES {
             return Err(Status::invalid_argument(format!(
                 "num_samples = {} (1 to {MAX_SAMPLES} allowed)",
@@ -231,110 +208,23 @@ impl FederationService {
         }
 
         let dir = self.shared.spool_dir.join(&t.task_id);
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| spool_error(&dir, e))?;
-        let part = dir.join(format!("{site}.{}.part", uuid_like()));
-        let fin = dir.join(format!("{site}.msk"));
-        let bytes = match spool_words(stream, &part, &h, want_chunks).await {
-            Ok(b) => b,
-            Err(s) => {
-                let _ = tokio::fs::remove_file(&part).await;
-                return Err(s);
-            }
-        };
-        let res = SiteResult { samples: h.num_samples, metrics, bytes };
-        let actions = {
-            let mut coord = lock(&self.shared.coord);
-            // Re-checked under the lock: the attempt may have been aborted, or a parallel duplicate won.
-            if let Err(r) = coord.check_masked_submission(site, &t.task_id) {
-                drop(coord);
-                let _ = std::fs::remove_file(&part);
-                return Err(refusal_status(&r));
-            }
-            if !self.shared.allowed.contains(site) {
-                drop(coord);
-                let _ = std::fs::remove_file(&part);
-                return Err(Status::permission_denied(format!(
-                    "site '{site}' was removed from this study's allow-list by the study lead; the update was not used"
-                )));
-            }
-            if let Err(e) = std::fs::rename(&part, &fin) {
-                drop(coord);
-                let _ = std::fs::remove_file(&part);
-                return Err(spool_error(&fin, e));
-            }
-            coord
-                .submission_accepted(site, TaskKind::Train, &t.task_id, res, Instant::now())
-                .map_err(|r| refusal_status(&r))?
-        };
-        self.shared.bytes_in.fetch_add(bytes, Ordering::Relaxed);
-        if let Some(info) = lock(&self.shared.sites).get_mut(site) {
-            info.rounds_contributed += 1;
-        }
-        tracing::info!(site, task = %t.task_id, bytes, samples = h.num_samples, "masked update accepted");
-        let entry = Entry {
-            direction: Direction::Received,
-            peer: site.to_string(),
-            task: t.task_id.clone(),
-            round: t.round,
-            kind: "update",
-            bytes,
-            sha256: sha_bytes(&h.sha256),
-        };
-        self.shared.audit.record(entry).await;
-        self.shared.apply(actions);
-        Ok(pb::UploadReply { accepted: true, message: format!("masked update for {} accepted", t.task_id) })
+        let file = transfer::spool_upload(&dir, site, "msk", stream, &h, want_chunks, MaskedWords).await?;
+        let result = SiteResult { samples: h.num_samples, metrics, bytes: file.bytes };
+        let up = transfer::Spooled { task: &t, file, result, sha256: &h.sha256, what: "masked update" };
+        self.commit_upload(site, up, |coord| coord.check_masked_submission(site, &t.task_id)).await
     }
 }
 
-/// Receives a masked upload's chunks into `part`, checking the chunk count, sizes and hash as they
-/// come (the words themselves are uniformly distributed: there is nothing else to check).
-async fn spool_words(
-    stream: &mut Streaming<pb::UploadPart>,
-    part: &std::path::Path,
-    h: &pb::UpdateHeader,
-    want_chunks: u64,
-) -> Result<u64, Status> {
-    let mut file = tokio::fs::File::create(part).await.map_err(|e| spool_error(part, e))?;
-    let mut hasher = Sha256::new();
-    let (mut chunks, mut bytes) = (0u64, 0u64);
-    loop {
-        let msg = tokio::time::timeout(CHUNK_IDLE_TIMEOUT, stream.message()).await.map_err(|_| {
-            Status::deadline_exceeded(format!("no chunk for {} s; upload abandoned", CHUNK_IDLE_TIMEOUT.as_secs()))
-        })??;
-        let Some(msg) = msg else { break };
-        let Some(pb::upload_part::Part::Chunk(chunk)) = msg.part else {
-            return Err(Status::invalid_argument("a second header arrived inside the upload"));
-        };
-        chunks += 1;
-        if chunks > want_chunks {
-            return Err(Status::invalid_argument(format!("more chunks than the {want_chunks} declared")));
-        }
-        if chunk.is_empty() || chunk.len() > MAX_CHUNK_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "chunk {chunks} is {} bytes (1 to {MAX_CHUNK_BYTES} allowed)",
-                chunk.len()
-            )));
-        }
-        bytes += chunk.len() as u64;
-        if bytes > h.total_bytes {
-            return Err(Status::invalid_argument(format!("more bytes than the {} declared", h.total_bytes)));
-        }
-        hasher.update(&chunk);
-        file.write_all(&chunk).await.map_err(|e| spool_error(part, e))?;
+/// A masked upload's chunks: uniformly distributed words, nothing to check beyond their count,
+/// sizes and hash.
+struct MaskedWords;
+
+impl transfer::ChunkCheck for MaskedWords {
+    fn chunk(&mut self, _chunk: &[u8]) -> Result<(), Status> {
+        Ok(())
     }
-    if bytes != h.total_bytes || chunks != want_chunks {
-        return Err(Status::invalid_argument(format!(
-            "upload ended after {bytes} of {} bytes ({chunks} of {want_chunks} chunks)",
-            h.total_bytes
-        )));
+
+    fn end(self) -> Result<(), Status> {
+        Ok(())
     }
-    let got = hex::encode(hasher.finalize());
-    if !got.eq_ignore_ascii_case(&h.sha256) {
-        return Err(Status::data_loss(format!(
-            "SHA-256 of the received update is {got}, the header declared {}; nothing was stored",
-            h.sha256
-        )));
-    }
-    file.flush().await.map_err(|e| spool_error(part, e))?;
-    Ok(bytes)
 }

@@ -489,13 +489,27 @@ pub fn net_benefit(labels: &[bool], probabilities: &[f64], thresholds: &[f64]) -
     }
     let n = labels.len() as f64;
     let prevalence = labels.iter().filter(|l| **l).count() as f64 / n;
+    net_benefit_curve(thresholds, n, prevalence, |t| Confusion::at(labels, probabilities, t))
+}
+
+/// Net benefit at each threshold for `n` patients (more than none) of this `prevalence`, with
+/// `confusion_at(t)` the counts of the model's calls at `t`.
+///
+/// # Errors
+/// A threshold outside (0, 1), or what `confusion_at` returns.
+pub(crate) fn net_benefit_curve(
+    thresholds: &[f64],
+    n: f64,
+    prevalence: f64,
+    mut confusion_at: impl FnMut(f64) -> Result<Confusion>,
+) -> Result<Vec<NetBenefit>> {
     thresholds
         .iter()
         .map(|&t| {
             if !(t > 0.0 && t < 1.0) {
                 return Err(StatsError::undefined("net benefit", format!("threshold {t} is not in (0, 1)")));
             }
-            let c = Confusion::at(labels, probabilities, t)?;
+            let c = confusion_at(t)?;
             let odds = t / (1.0 - t);
             Ok(NetBenefit {
                 threshold: t,

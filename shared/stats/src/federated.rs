@@ -165,6 +165,30 @@ impl SitePredictions {
         self.os.extend(other.os);
     }
 
+    /// `n` made-up patients for tests and examples, the same for the same `seed`: scores spread over
+    /// (0, 1), labels and survival that follow the score with noise, every patient with a label, RFS
+    /// and OS. No patient's data.
+    pub fn synthetic(n: usize, seed: u64) -> Self {
+        let mut p = SitePredictions::default();
+        // xorshift64* → a uniform draw in [0, 1).
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut unit = || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for _ in 0..n {
+            let s = 0.02 + 0.96 * unit();
+            p.score.push(s);
+            p.label.push(Some(unit() < s));
+            let t = (30.0 + 2000.0 * unit() * (1.2 - s)).round();
+            p.rfs.push(Some((t, unit() < 0.3 + 0.5 * s)));
+            p.os.push(Some((t + 100.0, unit() < 0.2 + 0.3 * s)));
+        }
+        p
+    }
+
     /// Checks that the columns align and every score and time is a finite number (times ≥ 0).
     ///
     /// # Errors
@@ -938,46 +962,27 @@ fn pool_survival(
 mod tests {
     use super::*;
 
-    /// A deterministic split: `n` patients, scores spread over (0, 1), labels and events that
-    /// follow the score with some noise, every patient with RFS and OS.
-    fn predictions(n: usize, seed: u64) -> SitePredictions {
-        let mut p = SitePredictions::default();
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut unit = || {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-        };
-        for _ in 0..n {
-            let s = 0.02 + 0.96 * unit();
-            let y = unit() < s;
-            let t = (30.0 + 2000.0 * unit() * (1.2 - s)).round();
-            p.score.push(s);
-            p.label.push(Some(y));
-            p.rfs.push(Some((t, unit() < 0.3 + 0.5 * s)));
-            p.os.push(Some((t + 100.0, unit() < 0.2 + 0.3 * s)));
-        }
-        p
-    }
-
     fn rules() -> SummaryRules {
         SummaryRules { histogram_bins: 1000, time_grid_days: 30.0, study_cutoff: None, min_cell_floor: 5 }
     }
 
     fn summary() -> SiteEvaluation {
-        SiteEvaluation::compute(&predictions(200, 1), Some(&predictions(400, 2)), &EvaluationSettings::default())
-            .unwrap()
+        SiteEvaluation::compute(
+            &SitePredictions::synthetic(200, 1),
+            Some(&SitePredictions::synthetic(400, 2)),
+            &EvaluationSettings::default(),
+        )
+        .unwrap()
     }
 
     #[test]
     fn a_site_summary_matches_the_patient_level_statistics_and_round_trips() {
-        let test = predictions(200, 1);
+        let test = SitePredictions::synthetic(200, 1);
         let s = summary();
         let (labels, scores) = test.labelled();
         assert_eq!(s.auc.unwrap(), binary::auc_delong(&labels, &scores, LEVEL).unwrap());
         assert_eq!(s.brier.unwrap(), binary::brier(&labels, &scores).unwrap());
-        let (tl, ts) = predictions(400, 2).labelled();
+        let (tl, ts) = SitePredictions::synthetic(400, 2).labelled();
         assert_eq!(s.cutoff, Some(binary::youden(&tl, &ts).unwrap().cutoff));
         assert_eq!((s.cutoff_source, s.n_train_labelled), (CutoffSource::SiteTrainingYouden, Some(400)));
         let (t, e, sc) = test.survival(Outcome::Rfs);
@@ -996,7 +1001,7 @@ mod tests {
 
     #[test]
     fn small_groups_are_suppressed_with_a_reason_and_no_value() {
-        let mut test = predictions(200, 3);
+        let mut test = SitePredictions::synthetic(200, 3);
         // Only 6 positives left.
         let mut seen = 0;
         for l in test.label.iter_mut() {
@@ -1117,8 +1122,8 @@ mod tests {
     #[test]
     fn pooled_figures_equal_those_of_the_pooled_rows() {
         let settings = EvaluationSettings::default();
-        let (a, b) = (predictions(300, 5), predictions(250, 6));
-        let (ta, tb) = (predictions(500, 7), predictions(450, 8));
+        let (a, b) = (SitePredictions::synthetic(300, 5), SitePredictions::synthetic(250, 6));
+        let (ta, tb) = (SitePredictions::synthetic(500, 7), SitePredictions::synthetic(450, 8));
         let sa = SiteEvaluation::compute(&a, Some(&ta), &settings).unwrap();
         let sb = SiteEvaluation::compute(&b, Some(&tb), &settings).unwrap();
         let pooled = PooledEvaluation::pool(&[("a", &sa), ("b", &sb)]);

@@ -197,19 +197,7 @@ impl Frame {
 
 /// ROC curve with the chance diagonal; `auc` (with its interval) goes into the legend.
 pub fn roc(curve: &RocCurve, auc_label: &str) -> String {
-    let mut f = Frame::new(
-        "ROC curve",
-        "1 − specificity (false-positive rate)",
-        "Sensitivity (true-positive rate)",
-        (0.0, 1.0),
-        (0.0, 1.0),
-        0.0,
-    );
-    f.polyline(&[(0.0, 0.0), (1.0, 1.0)], "#999999", true, 1.0);
-    let pts: Vec<(f64, f64)> = curve.fpr.iter().copied().zip(curve.tpr.iter().copied()).collect();
-    f.polyline(&pts, COLORS[0], false, 2.0);
-    f.legend(&[(auc_label.to_owned(), COLORS[0], false), ("chance".into(), "#999999", true)], true);
-    f.finish()
+    roc_plot("ROC curve", &[(auc_label.to_owned(), curve)])
 }
 
 /// Kaplan–Meier curves (steps) with shaded confidence bands, censoring marks, and the numbers at risk
@@ -332,8 +320,13 @@ pub fn decision_curve(points: &[NetBenefit]) -> String {
 /// ROC curves of several sets of predictions on one plot (e.g. each site and the pooled curve), with
 /// the chance diagonal; each entry is (legend label, curve).
 pub fn roc_curves(curves: &[(String, &RocCurve)]) -> String {
+    roc_plot("ROC curves", curves)
+}
+
+/// ROC curves under `title`, each in the next colour, with the chance diagonal.
+fn roc_plot(title: &str, curves: &[(String, &RocCurve)]) -> String {
     let mut f = Frame::new(
-        "ROC curves",
+        title,
         "1 − specificity (false-positive rate)",
         "Sensitivity (true-positive rate)",
         (0.0, 1.0),

@@ -9,7 +9,7 @@
 //! the Cox fit on the patients' rows exactly.
 
 use super::{ScoreHistogram, SurvivalCounts};
-use crate::binary::{Auc, Confusion, NetBenefit, RocCurve};
+use crate::binary::{Auc, Confusion, NetBenefit, RocCurve, net_benefit_curve};
 use crate::numeric::z_critical;
 use crate::survival::{Cox, cox_univariable};
 use crate::svg::CalibrationBin;
@@ -133,21 +133,7 @@ impl ScoreHistogram {
             return Err(StatsError::undefined("net benefit", "no labelled patients"));
         }
         let prevalence = self.n_positive() as f64 / n;
-        thresholds
-            .iter()
-            .map(|&t| {
-                if !(t > 0.0 && t < 1.0) {
-                    return Err(StatsError::undefined("net benefit", format!("threshold {t} is not in (0, 1)")));
-                }
-                let c = self.confusion_at(t)?;
-                let odds = t / (1.0 - t);
-                Ok(NetBenefit {
-                    threshold: t,
-                    model: c.tp as f64 / n - odds * (c.fp as f64 / n),
-                    treat_all: prevalence - odds * (1.0 - prevalence),
-                })
-            })
-            .collect()
+        net_benefit_curve(thresholds, n, prevalence, |t| self.confusion_at(t))
     }
 
     /// Calibration groups: the occupied bins gathered, in score order, into about `groups` groups of
