@@ -297,12 +297,31 @@ fn markdown(name: &str, kind: &str, cells: &[Cell], rows: &[String], columns: &[
     md
 }
 
-/// Runs `fedhcc study`.
+/// Runs `fedhcc study` and prints its summary.
+///
+/// # Errors
+/// See [`run`].
+pub fn study(args: &StudyArgs) -> Result<()> {
+    let (out, _) = run_printing(args, true)?;
+    println!(
+        "Written: {} (study.md, study.json; per model cross-center.json for `fedhcc report --cross-center`, \
+         cross-center.csv, runs/)",
+        out.display()
+    );
+    Ok(())
+}
+
+/// Runs the cross-center study quietly (progress only); returns the output folder and the first
+/// model's matrix.
 ///
 /// # Errors
 /// An unreadable or invalid study file or site configuration, unusable site data, a federation
 /// that fails, or an output folder that cannot be written (then nothing is left behind).
-pub fn study(args: &StudyArgs) -> Result<()> {
+pub fn run(args: &StudyArgs) -> Result<(PathBuf, CrossCenter)> {
+    run_printing(args, false)
+}
+
+fn run_printing(args: &StudyArgs, print_summary: bool) -> Result<(PathBuf, CrossCenter)> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading the cross-center study file {}", args.config.display()))?;
     let file: StudyFile =
@@ -343,54 +362,32 @@ pub fn study(args: &StudyArgs) -> Result<()> {
         }
         models.push((m.name.clone(), ss));
     }
-    if out.exists() {
-        let empty = out.is_dir() && std::fs::read_dir(&out)?.next().is_none();
-        if !empty && !out.join(MARKER).exists() {
-            bail!("{} exists and was not made by `fedhcc study`; choose another --out", out.display());
-        }
-    }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let leaf = out.file_name().map_or_else(|| "cross-center".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = parent.join(format!(".{leaf}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("clearing {}", tmp.display()))?;
-    }
-    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = run_models(&tmp, &models, &settings, rounds_override, &args.config).and_then(|summary| {
+    let result = crate::outdir::replace_folder(&out, MARKER, "cross-center study", |tmp| {
+        let summary = run_models(tmp, &models, &settings, rounds_override, &args.config)?;
         std::fs::write(tmp.join(MARKER), "made by fedhcc study; replaced whole by the next study with this --out\n")?;
-        if out.exists() {
-            std::fs::remove_dir_all(&out)
-                .with_context(|| format!("replacing the previous study in {}", out.display()))?;
-        }
-        std::fs::rename(&tmp, &out).with_context(|| format!("moving {} to {}", tmp.display(), out.display()))?;
         Ok(summary)
     });
     match result {
-        Ok(summary) => {
-            println!("\n{summary}");
-            println!(
-                "Written: {} (study.md, study.json; per model cross-center.json for `fedhcc report --cross-center`, \
-                 cross-center.csv, runs/)",
-                out.display()
-            );
-            Ok(())
+        Ok((summary, first)) => {
+            if print_summary {
+                println!("\n{summary}");
+            }
+            Ok((out, first))
         }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
+        Err(e) => Err(e),
     }
 }
 
-/// Trains and scores every model; returns the markdown summary (also written as `study.md`).
+/// Trains and scores every model; returns the markdown summary (also written as `study.md`) and the
+/// first model's matrix.
 fn run_models(
     dir: &Path,
     models: &[(String, StudySites)],
     settings: &[Setting],
     rounds_override: Option<u32>,
     config: &Path,
-) -> Result<String> {
+) -> Result<(String, CrossCenter)> {
+    let mut first = None;
     let t0 = Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut md = format!(
@@ -427,6 +424,7 @@ fn run_models(
         columns.push(POOLED.into());
         let matrix = cross_center(&cells, &rows, name);
         std::fs::write(mdir.join("cross-center.json"), serde_json::to_vec_pretty(&matrix)?)?;
+        first.get_or_insert(matrix);
         std::fs::write(mdir.join("cross-center.csv"), cells_csv(&cells))?;
         md.push_str(&markdown(name, ss.model.kind(), &cells, &rows, &columns));
         json_models.push(serde_json::json!({
@@ -451,7 +449,7 @@ fn run_models(
     });
     std::fs::write(dir.join("study.json"), serde_json::to_vec_pretty(&json)?)?;
     std::fs::write(dir.join("study.md"), &md)?;
-    Ok(md)
+    Ok((md, first.context("no model")?))
 }
 
 /// Trains every setting's models of one study model, printing progress.

@@ -215,6 +215,7 @@ pub fn run_model(
     model: &str,
     scale: Scale,
     privacy: DemoPrivacy,
+    cross_center: bool,
 ) -> Result<()> {
     let models = demo_models(model)?;
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
@@ -228,7 +229,8 @@ pub fn run_model(
     let t0 = Instant::now();
     let sites: Vec<String> = SITES.iter().map(|s| s.to_string()).collect();
     let multimodal = models != ["clinical"];
-    let steps = if multimodal { 2 + 4 * models.len() } else { 5 };
+    let per_model = if multimodal { 5 } else { 4 } + usize::from(cross_center);
+    let steps = 2 + per_model * models.len();
     let mut step = 0;
     let mut next = || {
         step += 1;
@@ -240,7 +242,8 @@ pub fn run_model(
 
     let (federation, training) = strategy_lines(strategy);
     // The privacy lines go last: `[federation.dp]` opens a table of its own.
-    let federation = federation + &privacy_lines(privacy, strategy);
+    // Every round is evaluated at every site, so the dashboard's AUC and C-index panels fill as it runs.
+    let federation = format!("evaluate_every = 1\n{federation}{}", privacy_lines(privacy, strategy));
     if !multimodal {
         println!("{} Synthetic cohort: {patients} patients over {} centers", next(), sites.len());
         let written = crate::commands::write_synthetic_cohort(&out.join("data"), sites.len(), patients, seed)?;
@@ -258,7 +261,11 @@ pub fn run_model(
             &training,
         )?;
         dashboard::enable(&cfg, port)?;
-        federate(out, &cfg, "server-state", "run-1", port, rounds, &sites, strategy, &mut next)?;
+        let last = federate(out, &cfg, "server-state", "run-1", port, rounds, &sites, strategy, &mut next)?;
+        validation(out, &cfg, &last, "clinical", &sites, &mut next)?;
+        if cross_center {
+            cross_center_study(out, &cfg, "server-state", "clinical", &sites, &mut next)?;
+        }
         write_report(out, &cfg, "server-state", "run-1", "clinical", &sites, &mut Default::default())?;
         print_outputs(out, t0);
         return Ok(());
@@ -321,7 +328,7 @@ pub fn run_model(
                 sum.seconds
             );
         }
-        federate(
+        let last = federate(
             out,
             &cfg,
             &format!("server-state-{kind}"),
@@ -333,9 +340,107 @@ pub fn run_model(
             &mut next,
         )?;
         let (state, run) = (format!("server-state-{kind}"), format!("run-{kind}"));
+        validation(out, &cfg, &last, kind, &sites, &mut next)?;
+        if cross_center {
+            cross_center_study(out, &cfg, &state, kind, &sites, &mut next)?;
+        }
         write_report(out, &cfg, &state, &run, kind, &sites, &mut checks_made)?;
     }
     print_outputs(out, t0);
+    Ok(())
+}
+
+/// What a validating center does offline with the final model: `fedhcc export` to safetensors,
+/// `fedhcc validate` on the last site's held-out test split (`out/validation-<model>/`), and `fedhcc
+/// stats` on its predictions at the frozen cut-off (`out/validation-<model>/stats/`).
+fn validation(
+    out: &Path,
+    cfg: &Path,
+    checkpoint: &Path,
+    model: &str,
+    sites: &[String],
+    next: &mut impl FnMut() -> String,
+) -> Result<()> {
+    let site = sites.last().context("no site")?;
+    println!(
+        "{} Validation of the final {model} model at {site}: export, validate (held-out test split), stats",
+        next()
+    );
+    let dir = out.join(format!("validation-{model}"));
+    let safetensors = out.join(format!("final-{model}.safetensors"));
+    crate::export::export(&crate::export::ExportArgs {
+        checkpoint: checkpoint.to_path_buf(),
+        study: cfg.join("study.toml"),
+        out: safetensors.clone(),
+    })?;
+    crate::validate::validate(&crate::validate::ValidateArgs {
+        model: safetensors,
+        site_config: cfg.join(format!("site-{site}.toml")),
+        out: dir.clone(),
+        split: "test".into(),
+        cutoff: None,
+        times: vec![365.0, 730.0, 1095.0],
+        bootstrap: 2000,
+        seed: 20_240_605,
+        backend: None,
+    })?;
+    let validation: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("validation.json"))?)?;
+    crate::stats_cmd::stats(&crate::stats_cmd::StatsArgs {
+        predictions: dir.join("predictions.csv"),
+        cutoff: validation["cutoff"].as_f64(),
+        times: vec![365.0, 730.0, 1095.0],
+        out: dir.join("stats"),
+        bootstrap: 2000,
+        seed: 20_240_605,
+    })?;
+    Ok(())
+}
+
+/// The cross-center study of one model (`fedhcc study`, in this process) on the demo's sites, into
+/// `out/cross-center-<model>/`; its matrix is copied into the run's server state folder, where the
+/// report (and a dashboard) find it.
+fn cross_center_study(
+    out: &Path,
+    cfg: &Path,
+    server_state: &str,
+    model: &str,
+    sites: &[String],
+    next: &mut impl FnMut() -> String,
+) -> Result<()> {
+    println!(
+        "{} Cross-center study of the {model} model: the federated model, each center left out, each center alone, \
+         all data pooled; each scored at every center",
+        next()
+    );
+    let configs: Vec<String> = sites
+        .iter()
+        .map(|s| format!("\"{}\"", cfg.join(format!("site-{s}.toml")).display().to_string().replace('\\', "/")))
+        .collect();
+    let file = out.join(format!("cross-center-{model}.toml"));
+    std::fs::write(
+        &file,
+        format!(
+            "# The demo's cross-center study of the {model} model (`fedhcc study --config {}`).\n\
+             out = \"cross-center-{model}\"\n\n[[model]]\nname = \"{model}\"\nsite_configs = [{}]\n",
+            file.display(),
+            configs.join(", ")
+        ),
+    )
+    .with_context(|| format!("writing {}", file.display()))?;
+    let args = crate::cross_center::StudyArgs { config: file, out: None, rounds: None };
+    let (dir, matrix) = crate::cross_center::run(&args)?;
+    for row in &matrix.rows {
+        let cells: Vec<String> = row
+            .evaluated_at
+            .iter()
+            .map(|(at, v)| format!("{at} {}", v.map_or_else(|| "–".into(), |v| format!("{v:.3}"))))
+            .collect();
+        println!("      {:<28} AUC {}", row.trained_on, cells.join(", "));
+    }
+    let json = dir.join(model).join("cross-center.json");
+    let into = out.join(server_state).join("cross-center.json");
+    std::fs::copy(&json, &into).with_context(|| format!("copying {} to {}", json.display(), into.display()))?;
+    println!("      cross-center study: {} (study.md: every matrix with its intervals)", dir.display());
     Ok(())
 }
 
@@ -391,7 +496,7 @@ fn federate(
     sites: &[String],
     strategy: StrategyKind,
     next: &mut dyn FnMut() -> String,
-) -> Result<()> {
+) -> Result<PathBuf> {
     let tag = cfg.file_name().map(|n| n.to_string_lossy().replace("configs", "")).unwrap_or_default();
     println!("{} Server on 127.0.0.1:{port} (mutual TLS 1.3), aggregation strategy {strategy}", next());
     let mut procs = Processes(vec![]);
@@ -469,7 +574,8 @@ fn federate(
         println!("      final model: {}\n      SHA-256 {}", last.checkpoint, last.checkpoint_sha256);
     }
     println!("      held-out evaluation of the final model (aggregate statistics reported by each site):");
-    for e in &evals {
+    let last_round = evals.iter().map(|e| e.round).max();
+    for e in evals.iter().filter(|e| Some(e.round) == last_round) {
         let get = |k: &str| e.metrics.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
         let fmt = |k: &str| get(k).map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into());
         let c_index = get("c_index").map(|v| format!(", C-index = {v:.3}")).unwrap_or_default();
@@ -482,7 +588,8 @@ fn federate(
             fmt("loss")
         );
     }
-    Ok(())
+    let last = rs.last().context("the run committed no round")?;
+    Ok(PathBuf::from(&last.checkpoint))
 }
 
 /// One line on how the updates were protected: secure aggregation on or off, and ε under DP.
@@ -526,5 +633,9 @@ fn print_outputs(out: &Path, t0: Instant) {
     println!(
         "  report-*/       the study report per model: report.html (open it in a browser), report.json, CSV tables"
     );
+    println!(
+        "  final-*.safetensors, validation-*/  the exported final model per model; `fedhcc validate` and `fedhcc stats` of it at one site"
+    );
+    println!("  cross-center-*/ the cross-center study per model: study.md (every matrix), cross-center.json and .csv");
     println!("  logs/           server and client logs");
 }

@@ -11,6 +11,7 @@ mod executor;
 mod export;
 mod imaging_check;
 mod mm_executor;
+mod outdir;
 mod preprocess;
 mod progress;
 mod report;
@@ -113,6 +114,10 @@ enum Command {
         /// δ = 1e-5; a study sets them in `[federation.dp]`); the summary reports ε.
         #[arg(long, conflicts_with = "no_secagg")]
         dp: bool,
+        /// Skip the cross-center study after each federated run (the federated model, each center
+        /// left out, each center alone, all data pooled, each scored at every center).
+        #[arg(long)]
+        no_cross_center: bool,
     },
     /// Train the study's model without federation, with the same code a site runs: one site alone
     /// (`--mode local`) or several sites' data pooled (`--mode central`, a simulation for the
@@ -255,7 +260,7 @@ fn parse_strategy(s: &str) -> Result<fedhcc_core::aggregation::StrategyKind, Str
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(match cli.command {
-        Command::Bench(_) | Command::Study(_) => "warn",
+        Command::Bench(_) | Command::Study(_) | Command::Demo { .. } => "warn",
         _ => "info",
     }))
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -281,9 +286,9 @@ fn main() -> std::process::ExitCode {
         Command::Client { config: None, command: None } => Err(anyhow::anyhow!("fedhcc client needs --config")),
         Command::Status { config, json } => commands::status(&config, json),
         Command::Admin(args) => admin_cmd::run(&args),
-        Command::Demo { out, rounds, patients, seed, strategy, model, scale, no_secagg, dp } => {
+        Command::Demo { out, rounds, patients, seed, strategy, model, scale, no_secagg, dp, no_cross_center } => {
             let privacy = demo::DemoPrivacy { secure_aggregation: !no_secagg, dp };
-            demo::run_model(&out, rounds, patients, seed, strategy, &model, scale, privacy)
+            demo::run_model(&out, rounds, patients, seed, strategy, &model, scale, privacy, !no_cross_center)
         }
         Command::Train(args) => train::train(&args),
         Command::Export(args) => export::export(&args),

@@ -30,8 +30,6 @@ use fedhcc_server::store::{EvaluationRecord, RoundRecord, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// `fedhcc report`.
@@ -944,60 +942,10 @@ fn csv_tables(r: &StudyReport) -> Result<Vec<(&'static str, Vec<u8>)>> {
     Ok(out)
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).with_context(|| format!("cannot write {}", path.display()))
-}
-
 /// Writes `files` as the folder `dir`: into a temporary folder beside it, renamed into place; a
 /// previous report in `dir` is replaced (anything else there is refused).
 fn write_folder(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
-    if dir.exists() {
-        if !dir.is_dir() {
-            bail!("--out {} exists and is not a folder", dir.display());
-        }
-        let empty = std::fs::read_dir(dir)?.next().is_none();
-        if !empty && !dir.join("report.json").is_file() {
-            bail!(
-                "--out {} exists and is not a previous report (no report.json): choose another folder",
-                dir.display()
-            );
-        }
-    }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let leaf = dir.file_name().map_or_else(|| "report".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = parent.join(format!(".{leaf}.partial-{}", std::process::id()));
-    let old = parent.join(format!(".{leaf}.old-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = (|| {
-        for (name, bytes) in files {
-            write_file(&tmp.join(name), bytes)?;
-        }
-        if dir.exists() {
-            std::fs::rename(dir, &old).with_context(|| format!("cannot move the previous {} aside", dir.display()))?;
-        }
-        match std::fs::rename(&tmp, dir) {
-            Ok(()) => {
-                let _ = std::fs::remove_dir_all(&old);
-                Ok(())
-            }
-            Err(e) => {
-                if old.exists() {
-                    let _ = std::fs::rename(&old, dir);
-                }
-                Err(e).with_context(|| format!("cannot move {} to {}", tmp.display(), dir.display()))
-            }
-        }
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    crate::outdir::replace_folder_with(dir, "report.json", "report", files)
 }
 
 /// Gathers and writes the report; returns it.

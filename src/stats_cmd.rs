@@ -10,7 +10,6 @@ use clap::Args;
 use fedhcc_stats::predictions::read_predictions;
 use fedhcc_stats::report::{StatsOptions, evaluate, plots};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// `fedhcc stats`.
@@ -89,11 +88,6 @@ pub fn stats(args: &StatsArgs) -> Result<()> {
     Ok(())
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).with_context(|| format!("cannot write {}", path.display()))
-}
-
 /// Writes `files` into `dir` so that a reader never sees a partial set (see the module docs).
 pub(crate) fn write_atomically(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
     if dir.exists() {
@@ -103,25 +97,11 @@ pub(crate) fn write_atomically(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<
         // stats.json is last in `files`: once it is renamed, every plot beside it is complete.
         for (name, bytes) in files {
             let tmp = dir.join(format!(".{name}.partial"));
-            write_file(&tmp, bytes)?;
+            crate::outdir::write_file(&tmp, bytes)?;
             std::fs::rename(&tmp, dir.join(name))
                 .with_context(|| format!("cannot move {} into place", tmp.display()))?;
         }
         return Ok(());
     }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let leaf = dir.file_name().map_or_else(|| "stats".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = parent.join(format!(".{leaf}.partial-{}", std::process::id()));
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = files.iter().try_for_each(|(name, bytes)| write_file(&tmp.join(name), bytes)).and_then(|()| {
-        std::fs::rename(&tmp, dir).with_context(|| format!("cannot move {} to {}", tmp.display(), dir.display()))
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    crate::outdir::replace_folder_with(dir, "stats.json", "statistics folder", files)
 }

@@ -6,26 +6,14 @@
 //! federated evaluation of the same run; `fedhcc report --cross-center` shows every matrix; a bad
 //! study file or an output folder that is not a study's is refused with nothing written.
 
-use crate::harness::fedhcc;
+use crate::harness::{fedhcc, site_config_text, synth_clinical};
 use serde_json::Value;
 use std::path::Path;
 
 const SITES: [&str; 3] = ["center_a", "center_b", "center_c"];
 
 fn write_inputs(dir: &Path) {
-    let (ok, _, stderr) = fedhcc(&[
-        "synth",
-        "--out",
-        dir.join("cohort").to_str().unwrap(),
-        "--centers",
-        "3",
-        "--patients",
-        "600",
-        "--seed",
-        "3",
-        "--clinical-only",
-    ]);
-    assert!(ok, "synth: {stderr}");
+    synth_clinical(&dir.join("cohort"), 3, 600, 3);
     std::fs::write(
         dir.join("study.toml"),
         "study_id = \"cc-test\"\nrun_id = \"run-1\"\n[federation]\nrounds = 2\nmin_sites = 3\nround_timeout_s = 120\n\
@@ -37,15 +25,7 @@ fn write_inputs(dir: &Path) {
     )
     .unwrap();
     for site in SITES {
-        std::fs::write(
-            dir.join(format!("site-{site}.toml")),
-            format!(
-                "site_id = \"{site}\"\nserver = \"https://127.0.0.1:1\"\nserver_name = \"localhost\"\nstudy = \"study.toml\"\n\
-                 data_dir = \"cohort/{site}\"\nstate_dir = \"site-state/{site}\"\n\
-                 [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/site-{site}.pem\"\nkey = \"certs/site-{site}.key.pem\"\n"
-            ),
-        )
-        .unwrap();
+        std::fs::write(dir.join(format!("site-{site}.toml")), site_config_text(site, 1)).unwrap();
     }
     std::fs::write(
         dir.join("cross-center.toml"),
@@ -185,7 +165,7 @@ fn the_cross_center_study_fills_every_cell_and_each_agrees_with_an_independent_p
         "--out",
         dir.join("cohort").to_str().unwrap(),
     ]);
-    assert!(!ok && stderr.contains("was not made by `fedhcc study`"), "{stderr}");
+    assert!(!ok && stderr.contains("is not a previous cross-center study"), "{stderr}");
     assert!(dir.join("cohort/center_a/clinical.csv").exists());
 }
 

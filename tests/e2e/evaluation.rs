@@ -9,7 +9,7 @@
 
 use crate::harness::{
     FEDHCC_BIN, STUDY, assert_stats_json_keys, chunks, fedhcc, header_for, json, make_certs, model, next_train,
-    open_tasks, raw_upload, start_server,
+    open_tasks, raw_upload, site_config_text, start_server, synth_clinical,
 };
 use fedhcc_proto as pb;
 use fedhcc_stats::federated::{EvaluationSettings, SiteEvaluation, SitePredictions};
@@ -43,15 +43,7 @@ fn write_configs(dir: &Path, port: u16) -> PathBuf {
     )
     .unwrap();
     for site in ["center_a", "center_b", "center_c"] {
-        std::fs::write(
-            dir.join(format!("site-{site}.toml")),
-            format!(
-                "site_id = \"{site}\"\nserver = \"https://127.0.0.1:{port}\"\nserver_name = \"localhost\"\nstudy = \"study.toml\"\n\
-                 data_dir = \"cohort/{site}\"\nstate_dir = \"site-state/{site}\"\n\
-                 [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/site-{site}.pem\"\nkey = \"certs/site-{site}.key.pem\"\n"
-            ),
-        )
-        .unwrap();
+        std::fs::write(dir.join(format!("site-{site}.toml")), site_config_text(site, port)).unwrap();
     }
     dir.join("server.toml")
 }
@@ -147,19 +139,7 @@ fn export(checkpoint: &Path, study: &Path, out: &Path) {
 fn federated_evaluation_matches_site_predictions_and_validate_works_at_an_external_site() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (ok, _, stderr) = fedhcc(&[
-        "synth",
-        "--out",
-        dir.join("cohort").to_str().unwrap(),
-        "--centers",
-        "3",
-        "--patients",
-        "1500",
-        "--clinical-only",
-        "--seed",
-        "5",
-    ]);
-    assert!(ok, "{stderr}");
+    synth_clinical(&dir.join("cohort"), 3, 1500, 5);
     make_certs(dir, &SITES);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let server_cfg = write_configs(dir, port);

@@ -315,3 +315,22 @@ pub fn assert_stats_json_keys(stats: &serde_json::Value) {
         assert!(stats.get(key).is_some(), "stats.json lacks '{key}'");
     }
 }
+
+/// `fedhcc synth --clinical-only`: `patients` synthetic patients over `centers` centers in `out/<center>/`.
+pub fn synth_clinical(out: &Path, centers: usize, patients: usize, seed: u64) {
+    let (centers, patients, seed) = (centers.to_string(), patients.to_string(), seed.to_string());
+    let args =
+        ["synth", "--out", out.to_str().unwrap(), "--centers", &centers, "--patients", &patients, "--seed", &seed];
+    let (ok, _, stderr) = fedhcc(&[&args[..], &["--clinical-only"]].concat());
+    assert!(ok, "fedhcc synth: {stderr}");
+}
+
+/// A site configuration for `site` in a test folder: study `study.toml`, data `cohort/<site>`, state
+/// `site-state/<site>`, certificates from `certs/`, the server at 127.0.0.1:`port`.
+pub fn site_config_text(site: &str, port: u16) -> String {
+    format!(
+        "site_id = \"{site}\"\nserver = \"https://127.0.0.1:{port}\"\nserver_name = \"localhost\"\nstudy = \"study.toml\"\n\
+         data_dir = \"cohort/{site}\"\nstate_dir = \"site-state/{site}\"\n\
+         [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/site-{site}.pem\"\nkey = \"certs/site-{site}.key.pem\"\n"
+    )
+}

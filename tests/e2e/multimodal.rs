@@ -228,6 +228,9 @@ fn demo_trains_both_models_federated_with_pooled_standardisation() {
         let report: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join(format!("report-{kind}/report.json"))).unwrap()).unwrap();
         assert_eq!(report["study"]["model_kind"], kind);
+        // ... and its cross-center study, in the report.
+        assert!(out.join(format!("cross-center-{kind}/{kind}/cross-center.json")).exists());
+        assert_eq!(report["cross_center"]["rows"].as_array().map(Vec::len), Some(6), "{kind}");
         let flow = report["participant_flow"]["sites"].as_array().unwrap();
         assert!(flow.iter().all(|s| s["without_usable_mri"].as_u64() == Some(0)), "{flow:?}");
     }

@@ -73,7 +73,18 @@ fn the_demo_ends_with_a_self_contained_report_and_a_bad_state_folder_writes_noth
     {
         assert!(!j[key].is_null(), "report.json has no {key}");
     }
-    assert!(j.get("cross_center").is_some_and(Value::is_null) && j["notes"].is_array());
+    // The demo validates the exported final model at a site (`fedhcc validate`, then `fedhcc stats` on
+    // its predictions at the frozen cut-off): both give the same AUC.
+    let v = read_json(&demo.join("validation-clinical/stats.json"));
+    let s = read_json(&demo.join("validation-clinical/stats/stats.json"));
+    assert!(v["auc"]["estimate"].is_number() && v["auc"]["estimate"] == s["auc"]["estimate"], "{v} {s}");
+    assert_eq!(v["cutoff"], s["cutoff"]);
+    assert!(demo.join("final-clinical.safetensors").is_file());
+    // The demo's cross-center study: federated, each center left out, each alone, pooled data.
+    let rows = j["cross_center"]["rows"].as_array().expect("the demo's cross-center matrix");
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    assert!(html.contains("(c_index_rfs)") && html.contains("(c_index_os)"));
+    assert!(j["notes"].is_array());
     assert_eq!(j["study"]["run_id"], "run-1");
     assert_eq!(j["study"]["study_id"], "hcc-demo");
     assert_eq!(j["study"]["model_kind"], "clinical");
