@@ -221,6 +221,16 @@ impl Coordinator {
         }
     }
 
+    /// The coordinator numbering its tasks after `announced`, the highest attempt this run
+    /// announced before a restart (the server records each before announcing it): a task id is
+    /// never announced twice in a run, so an answer computed for a task announced before the
+    /// restart is refused as stale instead of being taken for a new task with the same id.
+    #[must_use]
+    pub fn after_attempts(mut self, announced: u32) -> Self {
+        self.attempt = self.attempt.max(announced);
+        self
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -234,9 +244,10 @@ impl Coordinator {
         self.task.as_ref()
     }
     /// The next moment the driver must [`Coordinator::tick`]: the task's deadline, or earlier the
-    /// deadline of a secure-aggregation key exchange.
+    /// deadline of its secure-aggregation key exchange. `None` while no task runs: the driver then
+    /// waits for an event (a site, an answer, a command), never for a moment that has passed.
     pub fn deadline(&self) -> Option<Instant> {
-        match (self.deadline, self.secagg.as_ref().and_then(|k| k.deadline())) {
+        match (self.deadline, self.key_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -291,7 +302,7 @@ impl Coordinator {
                 return vec![];
             }
         }
-        self.attempt += 1;
+        self.attempt = self.attempt.saturating_add(1);
         let round = match kind {
             TaskKind::Statistics => 0,
             TaskKind::Train => self.completed + 1,
@@ -418,9 +429,7 @@ impl Coordinator {
         match self.deadline {
             Some(d) if now >= d => self.try_close(now, true),
             // A secure-aggregation key exchange closes at its own deadline.
-            _ if self.secagg.as_ref().and_then(|k| k.deadline()).is_some_and(|d| now >= d) => {
-                self.try_close(now, false)
-            }
+            _ if self.key_deadline().is_some_and(|d| now >= d) => self.try_close(now, false),
             _ => vec![],
         }
     }
@@ -801,6 +810,31 @@ mod tests {
         assert!(matches!(a[0], Action::EvaluationDone { .. }));
         assert_eq!(a[1], Action::Finish { rounds_completed: 1 });
         assert_eq!(c.phase(), Phase::Finished);
+    }
+
+    #[test]
+    fn a_restarted_coordinator_numbers_its_tasks_after_those_announced_before() {
+        let t0 = Instant::now();
+        // Before the restart round 3 was announced as r3a3 and retried as r3a4.
+        let mut c = Coordinator::new(cfg(4, 1), 2).after_attempts(4);
+        let t = announced(&c.sites_changed(set(&["a"]), t0));
+        assert_eq!(t.id, "r3a5");
+        for old in ["r3a3", "r3a4", "e2a2"] {
+            let kind = parse_task_id(old).unwrap().0;
+            assert!(matches!(c.check_submission("a", kind, old), Err(Refusal::Stale { .. })), "{old}");
+            assert!(matches!(c.check_download("a", old), Err(Refusal::Stale { .. })), "{old}");
+        }
+        // A fresh run stopped before round 1: its statistics task is asked again under a new id.
+        let mut c = Coordinator::new(CoordinatorConfig { statistics: true, ..cfg(2, 1) }, 0).after_attempts(1);
+        assert_eq!(announced(&c.sites_changed(set(&["a"]), t0)).id, "s0a2");
+        assert!(matches!(c.check_submission("a", TaskKind::Statistics, "s0a1"), Err(Refusal::Stale { .. })));
+        // Nothing recorded: numbering starts at 1 as before; a recorded maximum never wraps around.
+        assert_eq!(
+            announced(&Coordinator::new(cfg(1, 1), 0).after_attempts(0).sites_changed(set(&["a"]), t0)).id,
+            "r1a1"
+        );
+        let mut c = Coordinator::new(cfg(1, 1), 0).after_attempts(u32::MAX);
+        assert_eq!(announced(&c.sites_changed(set(&["a"]), t0)).attempt, u32::MAX);
     }
 
     #[test]

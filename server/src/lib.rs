@@ -191,7 +191,9 @@ pub async fn run_with_dashboard(
         },
         completed,
     )
-    .with_control(admin::initial_control(&store, study.federation.start, completed)?);
+    .with_control(admin::initial_control(&store, study.federation.start, completed)?)
+    // Task ids go on after those announced before a restart (never reused within a run).
+    .after_attempts(store.attempts_announced()?);
     let allowed = allow_list::AllowList::new(config.allowed_sites.iter().cloned(), &store.site_access()?);
     let mut coord = coord;
     if let Some(p) = fedhcc_core::privacy::secure_aggregation_params(&study.federation) {

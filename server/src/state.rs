@@ -134,6 +134,15 @@ impl Shared {
                         format!("round {}: {what} task {} sent to {}", task.round, task.id, sites.join(", ")),
                     );
                     *lock(&self.task_started) = Some(Instant::now());
+                    // Recorded before it is sent, so a restarted server numbers its tasks after this.
+                    if let Err(e) = lock(&self.store).record_attempt_announced(task.attempt) {
+                        tracing::error!(
+                            task = %task.id,
+                            error = %e,
+                            "the task's attempt number could not be recorded in server.db; after a restart this task \
+                             id may be announced again"
+                        );
+                    }
                     self.announce.send_modify(|an| an.task = Some(task));
                 }
                 Action::RosterFixed(task) => {

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 mod admin;
 pub use admin::AdminActionRecord;
+mod attempts;
 
 /// A failure of the database or checkpoint files.
 #[derive(Debug, thiserror::Error)]

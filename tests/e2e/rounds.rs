@@ -173,3 +173,70 @@ async fn restart_resumes_after_the_last_committed_round() {
     let p = fedhcc_core::params::ParameterSet::decode(&std::fs::read(&out.final_checkpoint).unwrap()).unwrap();
     assert!((p.values()[0] - 4.0).abs() < 1e-6, "four rounds of +1: {}", p.values()[0]);
 }
+
+#[tokio::test]
+async fn after_a_restart_task_ids_are_new_so_old_answers_are_refused_and_every_site_answers_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a", "b"]);
+    // A round timeout far beyond the test's waits: a site that ignored the restarted round would
+    // show as a hang, not as a slow round.
+    let st = || study(1, 2, 600);
+    let server = start_server(tmp.path(), &["a", "b"], st(), model(100)).await;
+    let token = CancellationToken::new();
+    let ca = tokio::spawn(fedhcc_client::run(
+        client_options(&server, "a"),
+        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::ZERO },
+        token.clone(),
+    ));
+    // Before the restart: a's update for round 1 is in, b (by hand) has not answered.
+    let mut b = server.client_as("b").await;
+    let mut tb = open_tasks(&mut b).await;
+    let old = next_train(&mut tb).await.task.unwrap();
+    let spooled = server.state().join("spool").join(&old.task_id).join("a.upd");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !spooled.exists() {
+        assert!(std::time::Instant::now() < deadline, "a's update never reached the spool");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let addr = server.addr;
+    drop((b, tb));
+    assert!(!server.stop().await.finished);
+
+    // Same address and state folder: a reconnects by itself.
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let opts = fedhcc_server::ServerOptions {
+        config: server_config(tmp.path(), &["a", "b"]),
+        study: st(),
+        initial_model: model(100),
+    };
+    let token2 = CancellationToken::new();
+    let handle = tokio::spawn(fedhcc_server::run(listener, opts, token2.clone()));
+    let mut server = TestServer { dir: tmp.path().to_path_buf(), addr, token: token2, handle: Some(handle) };
+    let mut b = server.client_as("b").await;
+    let mut tb = open_tasks(&mut b).await;
+    let new = next_train(&mut tb).await.task.unwrap();
+    assert_eq!(new.round, 1);
+    assert_ne!(new.task_id, old.task_id, "task id {} announced again after the restart", old.task_id);
+    // b's answer to the task of before the restart is refused: that task has closed.
+    let fp = model(100).fingerprint().to_hex();
+    let zeros = fedhcc_core::params::ParameterSet::zeros(model(100).layout().clone()).encode();
+    let header = |t: &fedhcc_proto::TaskRef| header_for(t, &zeros, &fp, fedhcc_proto::MAX_CHUNK_BYTES);
+    let e = raw_upload(&mut b, header(&old), chunks(&zeros)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&format!("task {} has closed", old.task_id)), "{}", e.message());
+    // b answers the new task; a, which had answered round 1 before the restart, trains it again.
+    raw_upload(&mut b, header(&new), chunks(&zeros)).await.unwrap();
+    drop((b, tb));
+    let out = server.join().await;
+    assert!(out.finished && ca.await.unwrap().unwrap().finished);
+    let rounds = fedhcc_server::store::Store::open(&tmp.path().join("state"), "run-1").unwrap().rounds().unwrap();
+    assert_eq!(rounds[0].task_id, new.task_id);
+    assert_eq!(rounds[0].participants, ["a", "b"]);
+    let p = fedhcc_core::params::ParameterSet::decode(&std::fs::read(&out.final_checkpoint).unwrap()).unwrap();
+    assert!((p.values()[0] - 0.5).abs() < 1e-6, "(10 · 1 + 10 · 0) / 20: {}", p.values()[0]);
+}

@@ -437,3 +437,94 @@ async fn dp_status_shows_epsilon_and_the_rounds_the_budget_allows() {
     ca.await.unwrap().unwrap();
     cb.await.unwrap().unwrap();
 }
+
+/// Masks `values` for the train task `t` as `site` would (its keys, the roster the server answers).
+async fn mask_for(
+    c: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+    t: &pb::TrainTask,
+    site: &str,
+    keys: fedhcc_secure::secagg::RoundKeys,
+    values: &[f32],
+) -> (pb::UpdateHeader, Vec<u8>) {
+    let tref = t.task.clone().unwrap();
+    let reply = c.await_roster(tref.clone()).await.unwrap().into_inner();
+    let spec = fedhcc_client::secagg::MaskingSpec::from_task(t).unwrap();
+    let roster = fedhcc_client::secagg::roster_from_reply(&tref, &reply, &spec.fixed).unwrap();
+    let (payload, _) = fedhcc_client::secagg::mask_payload(site, keys, &roster, &spec.fixed, 10, values).unwrap();
+    let fp = unit_model(values.len()).fingerprint().to_hex();
+    let mut header = header_for(&tref, &payload, &fp, fedhcc_proto::MAX_CHUNK_BYTES);
+    header.encoding = fedhcc_proto::ENCODING_SECAGG_U64.into();
+    header.roster_digest = roster.digest().to_vec().into();
+    header.encoded_weight = 10;
+    (header, payload)
+}
+
+#[tokio::test]
+async fn a_restarted_server_never_reuses_a_task_id_and_refuses_an_update_masked_before_the_restart() {
+    const N: usize = 64;
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a", "b"]);
+    let keys = || fedhcc_secure::secagg::RoundKeys::generate(&mut rand::rng());
+    let advertise = |t: &pb::TrainTask, k: &fedhcc_secure::secagg::RoundKeys| pb::KeyAdvertisement {
+        task: t.task.clone(),
+        public_key: k.public_bytes().to_vec().into(),
+    };
+    // Before the restart: both sites exchange keys, a masks its update and it is taken; b never
+    // uploads, so the round does not close.
+    let server = start_server(tmp.path(), &["a", "b"], secure_study(1, None), unit_model(N)).await;
+    let (mut a, mut b) = (server.client_as("a").await, server.client_as("b").await);
+    let (mut ta, mut tb) = (open_tasks(&mut a).await, open_tasks(&mut b).await);
+    let t1 = next_train(&mut ta).await;
+    next_train(&mut tb).await;
+    let (ka, kb) = (keys(), keys());
+    a.advertise_key(advertise(&t1, &ka)).await.unwrap();
+    b.advertise_key(advertise(&t1, &kb)).await.unwrap();
+    let (old_header, old_payload) = mask_for(&mut a, &t1, "a", ka, &[0.001; N]).await;
+    raw_upload(&mut a, old_header.clone(), chunks(&old_payload)).await.unwrap();
+    drop((a, b, ta, tb));
+    let stopped = server.stop().await;
+    assert_eq!(stopped.rounds_completed, 0);
+
+    // After the restart (same state folder), round 1 is announced again under a new task id.
+    let server = start_server(tmp.path(), &["a", "b"], secure_study(1, None), unit_model(N)).await;
+    let (mut a, mut b) = (server.client_as("a").await, server.client_as("b").await);
+    let (mut ta, mut tb) = (open_tasks(&mut a).await, open_tasks(&mut b).await);
+    let t2 = next_train(&mut ta).await;
+    next_train(&mut tb).await;
+    let state = server.state();
+    let before = durable_state(&state);
+    let (id1, id2) = (&t1.task.as_ref().unwrap().task_id, &t2.task.as_ref().unwrap().task_id);
+    assert_eq!(t2.task.as_ref().unwrap().round, 1);
+    assert_ne!(id1, id2, "task id {id1} announced again after the restart");
+
+    // The update masked before the restart, resent as it was: its task has closed.
+    let e = raw_upload(&mut a, old_header.clone(), chunks(&old_payload)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&format!("task {id1} has closed")), "{}", e.message());
+    // New keys, a new roster. The old update relabelled for the new task still carries the roster
+    // its masks were made for: refused, since its masks cannot cancel against the new ones.
+    let (ka, kb) = (keys(), keys());
+    a.advertise_key(advertise(&t2, &ka)).await.unwrap();
+    b.advertise_key(advertise(&t2, &kb)).await.unwrap();
+    let mut relabelled = old_header.clone();
+    relabelled.task = t2.task.clone();
+    let e = raw_upload(&mut a, relabelled, chunks(&old_payload)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("masked for another roster"), "{}", e.message());
+    assert_eq!(durable_state(&state), before, "refusals change nothing durable");
+    assert!(walk(&state.join("spool")).is_empty(), "nothing was spooled: {:?}", walk(&state.join("spool")));
+    // Masked for the new roster, both updates are taken and the round commits.
+    let (h, p) = mask_for(&mut a, &t2, "a", ka, &[0.001; N]).await;
+    raw_upload(&mut a, h, chunks(&p)).await.unwrap();
+    let (h, p) = mask_for(&mut b, &t2, "b", kb, &[0.003; N]).await;
+    raw_upload(&mut b, h, chunks(&p)).await.unwrap();
+    server.wait_status("round 1 committed", |s| s.rounds.len() == 1).await;
+    let (records, _) = durable_state(&state);
+    assert_eq!(&records[0].task_id, id2);
+    assert_eq!(records[0].participants, ["a", "b"]);
+    let model = ParameterSet::decode(&std::fs::read(&records[0].checkpoint).unwrap()).unwrap();
+    for (v, w) in model.values().iter().zip(unit_model(N).values()) {
+        assert!((v - w - 0.002).abs() < 1e-6, "the mean of the two new updates only: {v} vs {w} + 0.002");
+    }
+    server.stop().await;
+}

@@ -70,6 +70,17 @@ impl Coordinator {
         self.secagg = Some(KeyExchange::new(key_timeout));
     }
 
+    /// The deadline of the running train task's key exchange while it is open. An exchange whose
+    /// attempt has ended has none: after an attempt aborted with too few keys while too few sites
+    /// are connected to start the next one, its passed deadline would wake the driver again and
+    /// again with nothing to do.
+    pub(super) fn key_deadline(&self) -> Option<Instant> {
+        let (k, task) = (self.secagg.as_ref()?, self.task.as_ref()?);
+        let open =
+            task.kind == TaskKind::Train && task.roster.is_none() && k.task_id.as_deref() == Some(task.id.as_str());
+        if open { k.deadline() } else { None }
+    }
+
     /// Whether train tasks use secure aggregation.
     pub fn secure_aggregation(&self) -> bool {
         self.secagg.is_some()
@@ -256,6 +267,10 @@ impl Coordinator {
         if let Some(k) = &mut self.secagg {
             k.last_abort = Some(format!("{}: {reason}", task.id));
             k.aborted = k.aborted.saturating_add(1);
+            // This attempt's exchange is over; the next attempt, when it starts, opens its own.
+            k.keys.clear();
+            k.task_id = None;
+            k.deadline = None;
         }
         self.deadline = None;
         self.results.clear();
@@ -382,6 +397,41 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_key_exchange_that_fails_with_too_few_sites_connected_leaves_no_deadline_behind() {
+        // The driver sleeps until `deadline()` and then ticks. A deadline that has passed and that
+        // no tick clears wakes it again at once, for ever: a busy loop while too few sites are
+        // connected to start the next attempt.
+        let t0 = Instant::now();
+        let mut c = coord(2);
+        let t = announced(&c.sites_changed(set(&["a", "b"]), t0));
+        c.key_advertised("a", &t.id, key(1), t0).unwrap();
+        assert!(c.sites_changed(set(&["a"]), t0).is_empty(), "b may come back before the key deadline");
+        let key_deadline = t0 + Duration::from_secs(10);
+        assert_eq!(c.deadline(), Some(key_deadline));
+        match &c.tick(key_deadline)[..] {
+            [Action::SecureAggregationAborted { reason, .. }] => {
+                assert!(reason.contains("only 1 of the 2 sites needed sent a key"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((c.phase(), c.current_task()), (Phase::WaitingForSites, None), "one site: nothing is announced");
+        assert_eq!(c.deadline(), None, "nothing runs, so nothing is due: the driver waits for a site");
+        assert!(c.tick(key_deadline + Duration::from_secs(1)).is_empty());
+        // The same after the round deadline passes with the key exchange still open.
+        let mut c = coord(2);
+        let t = announced(&c.sites_changed(set(&["a", "b"]), t0));
+        c.key_advertised("a", &t.id, key(1), t0).unwrap();
+        c.sites_changed(set(&["a"]), t0);
+        assert!(matches!(c.tick(t0 + Duration::from_secs(100))[..], [Action::SecureAggregationAborted { .. }]));
+        assert_eq!(c.deadline(), None);
+        // b is back: the round is announced again with a key exchange and a deadline of its own.
+        let later = t0 + Duration::from_secs(200);
+        let next = announced(&c.sites_changed(set(&["a", "b"]), later));
+        assert_eq!(next.id, "r1a2");
+        assert_eq!(c.deadline(), Some(later + Duration::from_secs(10)));
     }
 
     #[test]
