@@ -578,7 +578,7 @@ fn federate(
     for e in evals.iter().filter(|e| Some(e.round) == last_round) {
         let get = |k: &str| e.metrics.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
         let fmt = |k: &str| get(k).map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into());
-        let c_index = get("c_index").map(|v| format!(", C-index = {v:.3}")).unwrap_or_default();
+        let c_index = get("c_index").map(|v| format!(", Cox-head C-index = {v:.3}")).unwrap_or_default();
         println!(
             "        {:<10} n = {:>3}, positives = {:>3}, AUC = {}{c_index}, loss = {}",
             e.site,
