@@ -453,23 +453,18 @@ pub fn dashboard_json(shared: &Shared) -> serde_json::Value {
     use serde_json::json;
     let status = status_json(&status_reply(shared));
     let completed = lock(&shared.coord).completed_rounds();
-    let sites: Vec<serde_json::Value> = {
-        let infos = lock(&shared.sites);
-        shared
-            .allowed
-            .sites()
-            .iter()
-            .map(|s| {
-                let i = infos.get(s).cloned().unwrap_or_default();
-                json!({
-                    "site_id": s,
-                    "client_version": i.client_version,
-                    "samples": i.samples,
-                    "refusals": i.refusals,
-                })
+    let sites: Vec<serde_json::Value> = shared
+        .allowed_site_infos()
+        .into_iter()
+        .map(|(s, i)| {
+            json!({
+                "site_id": s,
+                "client_version": i.client_version,
+                "samples": i.samples,
+                "refusals": i.refusals,
             })
-            .collect()
-    };
+        })
+        .collect();
     let (rounds, evaluations, store_error) = {
         let store = lock(&shared.store);
         let rounds = store.rounds();

@@ -835,26 +835,19 @@ pub fn status_reply(shared: &Shared) -> pb::StatusReply {
             t.map(|t| t.selected.clone()).unwrap_or_default(),
         )
     };
-    let sites = {
-        let infos = lock(&shared.sites);
-        shared
-            .allowed
-            .sites()
-            .iter()
-            .map(|s| {
-                let i = infos.get(s).cloned().unwrap_or_default();
-                pb::SiteStatus {
-                    site_id: s.clone(),
-                    connected: i.connections > 0,
-                    last_seen_unix: i.last_seen_unix,
-                    rounds_contributed: i.rounds_contributed,
-                    last_refusal: i.last_refusal,
-                    selected: selected.contains(s),
-                    policy_refusal: i.policy_refusal,
-                }
-            })
-            .collect()
-    };
+    let sites = shared
+        .allowed_site_infos()
+        .into_iter()
+        .map(|(s, i)| pb::SiteStatus {
+            selected: selected.contains(&s),
+            site_id: s,
+            connected: i.connections > 0,
+            last_seen_unix: i.last_seen_unix,
+            rounds_contributed: i.rounds_contributed,
+            last_refusal: i.last_refusal,
+            policy_refusal: i.policy_refusal,
+        })
+        .collect();
     let rounds = lock(&shared.store).rounds().unwrap_or_default();
     let rounds = rounds
         .into_iter()

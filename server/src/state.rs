@@ -103,6 +103,12 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Every allowed site with what is known of it (a site never seen: the defaults), in site order.
+    pub fn allowed_site_infos(&self) -> Vec<(String, SiteInfo)> {
+        let infos = lock(&self.sites);
+        self.allowed.sites().iter().map(|s| (s.clone(), infos.get(s).cloned().unwrap_or_default())).collect()
+    }
+
     /// The current global model, if one is being served.
     pub fn global(&self) -> Option<Arc<GlobalModel>> {
         self.global.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
