@@ -34,8 +34,8 @@ use std::path::PathBuf;
 #[command(name = "fedhcc", version, propagate_version = true)]
 struct Cli {
     /// Log detail: error, warn, info, debug (or a tracing filter such as `fedhcc_server=debug`).
-    /// Default: info, and warn for `bench` (whose in-process servers and clients would drown the
-    /// results).
+    /// Default: info, and warn for `bench`, `study` and `demo` (whose in-process servers and clients
+    /// would drown their own output).
     #[arg(long, global = true, env = "FEDHCC_LOG")]
     log: Option<String>,
     #[command(subcommand)]

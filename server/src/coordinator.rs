@@ -175,6 +175,9 @@ pub struct Coordinator {
     held: TaskKind,
     /// Secure aggregation's key exchange (`None`: updates in the clear).
     secagg: Option<keys::KeyExchange>,
+    /// A restarted run owes the evaluation of its last committed round
+    /// ([`Coordinator::with_evaluation_recorded`]): it comes before anything else.
+    evaluation_pending: bool,
 }
 
 /// Task ids: `r3a1` = round 3, attempt 1; `e3a1` = evaluation after round 3; `s0a1` = the
@@ -218,7 +221,28 @@ impl Coordinator {
             results: BTreeMap::new(),
             declined: BTreeMap::new(),
             secagg: None,
+            evaluation_pending: false,
         }
+    }
+
+    /// The coordinator of a restarted run, told whether any site's evaluation of the last committed
+    /// round is recorded. When that round was due an evaluation (the last round, or a multiple of
+    /// `evaluate_every`) and none is recorded, the server stopped before the evaluation closed: it
+    /// is announced again under a fresh task id once the quorum is connected, and the run trains on
+    /// or finishes only after it closes (under the usual deadline). Call it before
+    /// [`Coordinator::with_control`]; a fresh run, or one whose evaluation is recorded, is unchanged.
+    #[must_use]
+    pub fn with_evaluation_recorded(mut self, recorded: bool) -> Self {
+        let k = self.cfg.evaluate_every;
+        let due =
+            self.completed > 0 && (self.completed >= self.cfg.rounds || (k > 0 && self.completed.is_multiple_of(k)));
+        if due && !recorded && self.control != RunControl::Aborted && self.task.is_none() {
+            self.evaluation_pending = true;
+            if self.phase == Phase::Finished {
+                self.phase = Phase::WaitingForSites;
+            }
+        }
+        self
     }
 
     /// The coordinator numbering its tasks after `announced`, the highest attempt this run
@@ -290,8 +314,19 @@ impl Coordinator {
             // Paused, not started or aborted: nothing new is announced.
             return self.hold(kind, now);
         }
-        // A fresh run pools the sites' statistics before it trains.
-        let kind = if kind == TaskKind::Train && self.statistics_pending { TaskKind::Statistics } else { kind };
+        // A fresh run pools the sites' statistics before it trains; a restarted run first evaluates
+        // the round whose evaluation the restart cut short.
+        let owed = kind == TaskKind::Train && self.evaluation_pending;
+        let kind = match kind {
+            TaskKind::Train if self.statistics_pending => TaskKind::Statistics,
+            TaskKind::Train if self.evaluation_pending => TaskKind::Evaluate,
+            kind => kind,
+        };
+        if owed && self.connected.len() < self.cfg.min_sites {
+            // Not skipped like one due with nobody connected: it waits for the quorum.
+            self.phase = Phase::WaitingForSites;
+            return vec![];
+        }
         if self.connected.len() < self.cfg.min_sites {
             self.phase = if kind == TaskKind::Evaluate { self.phase } else { Phase::WaitingForSites };
             if kind == TaskKind::Evaluate && self.connected.is_empty() {
@@ -529,6 +564,7 @@ impl Coordinator {
 
     fn after_evaluation(&mut self, now: Instant) -> Vec<Action> {
         self.task = None;
+        self.evaluation_pending = false;
         if self.completed >= self.cfg.rounds {
             self.phase = Phase::Finished;
             return vec![Action::Finish { rounds_completed: self.completed }];
@@ -835,6 +871,71 @@ mod tests {
         );
         let mut c = Coordinator::new(cfg(1, 1), 0).after_attempts(u32::MAX);
         assert_eq!(announced(&c.sites_changed(set(&["a"]), t0)).attempt, u32::MAX);
+    }
+
+    #[test]
+    fn a_restart_before_the_final_evaluation_closed_evaluates_then_finishes() {
+        let t0 = Instant::now();
+        // Recorded: the run comes up finished and announces nothing.
+        let mut done = Coordinator::new(cfg(2, 2), 2).after_attempts(3).with_evaluation_recorded(true);
+        assert_eq!(done.phase(), Phase::Finished);
+        assert!(done.sites_changed(set(&["a", "b"]), t0).is_empty());
+        assert_eq!(done.current_task(), None);
+
+        // Not recorded: the evaluation waits for the quorum, under a fresh task id, then the run finishes.
+        let mut c = Coordinator::new(cfg(2, 2), 2).after_attempts(3).with_evaluation_recorded(false);
+        assert_eq!(c.phase(), Phase::WaitingForSites);
+        assert!(c.sites_changed(set(&["a"]), t0).is_empty(), "waits for the quorum instead of skipping");
+        assert!(c.sites_changed(set(&[]), t0).is_empty(), "nobody connected: still owed, not skipped");
+        assert_eq!(c.phase(), Phase::WaitingForSites);
+        let t = announced(&c.sites_changed(set(&["a", "b"]), t0));
+        assert_eq!((t.kind, t.round, t.id.as_str()), (TaskKind::Evaluate, 2, "e2a4"));
+        assert!(matches!(c.check_submission("a", TaskKind::Evaluate, "e2a3"), Err(Refusal::Stale { .. })));
+        assert!(c.submission_accepted("a", TaskKind::Evaluate, "e2a4", res(1), t0).unwrap().is_empty());
+        // b never answers: the deadline closes the evaluation as usual.
+        assert!(c.tick(t0 + Duration::from_secs(5)).is_empty());
+        let a = c.tick(t0 + Duration::from_secs(11));
+        match &a[..] {
+            [Action::EvaluationDone { reported, missing, .. }, Action::Finish { rounds_completed: 2 }] => {
+                assert_eq!((reported, missing), (&set(&["a"]), &set(&["b"])));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.phase(), Phase::Finished);
+
+        // An aborted run stays over; a paused one evaluates when resumed.
+        let c = Coordinator::new(cfg(2, 1), 2).with_evaluation_recorded(false).with_control(RunControl::Aborted);
+        assert_eq!(c.phase(), Phase::Finished);
+        let mut c = Coordinator::new(cfg(2, 1), 2).with_evaluation_recorded(false).with_control(RunControl::Paused);
+        assert!(c.sites_changed(set(&["a"]), t0).is_empty());
+        let t = announced(&c.command(AdminCommand::Resume, t0).unwrap());
+        assert_eq!((t.kind, t.id.as_str()), (TaskKind::Evaluate, "e2a1"));
+    }
+
+    #[test]
+    fn a_restart_before_an_intermediate_evaluation_closed_evaluates_then_trains() {
+        let t0 = Instant::now();
+        let every = |rounds| CoordinatorConfig { evaluate_every: 2, ..cfg(rounds, 1) };
+        let mut c = Coordinator::new(every(4), 2).after_attempts(3).with_evaluation_recorded(false);
+        let t = announced(&c.sites_changed(set(&["a"]), t0));
+        assert_eq!((t.kind, t.id.as_str()), (TaskKind::Evaluate, "e2a4"));
+        let a = c.submission_accepted("a", TaskKind::Evaluate, "e2a4", res(1), t0).unwrap();
+        assert!(matches!(a[0], Action::EvaluationDone { .. }), "{a:?}");
+        let t = announced(&a[1..]);
+        assert_eq!((t.kind, t.id.as_str()), (TaskKind::Train, "r3a5"));
+        // Recorded, or not due after this round: training goes on at once.
+        for (c, round) in [
+            (Coordinator::new(every(4), 2).with_evaluation_recorded(true), 3),
+            (Coordinator::new(every(4), 3).with_evaluation_recorded(false), 4),
+            (Coordinator::new(cfg(4, 1), 2).with_evaluation_recorded(false), 3),
+        ] {
+            let mut c = c;
+            let t = announced(&c.sites_changed(set(&["a"]), t0));
+            assert_eq!((t.kind, t.round), (TaskKind::Train, round));
+        }
+        // A fresh run owes nothing.
+        let mut c = Coordinator::new(cfg(2, 1), 0).with_evaluation_recorded(false);
+        assert_eq!(announced(&c.sites_changed(set(&["a"]), t0)).id, "r1a1");
     }
 
     #[test]

@@ -191,6 +191,9 @@ pub async fn run_with_dashboard(
         },
         completed,
     )
+    // A restart after a round that was due an evaluation, before any site's evaluation of it was
+    // recorded, evaluates it first (the final model's evaluation included).
+    .with_evaluation_recorded(store.evaluations()?.iter().any(|r| r.round == completed))
     .with_control(admin::initial_control(&store, study.federation.start, completed)?)
     // Task ids go on after those announced before a restart (never reused within a run).
     .after_attempts(store.attempts_announced()?);

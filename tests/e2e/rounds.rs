@@ -240,3 +240,89 @@ async fn after_a_restart_task_ids_are_new_so_old_answers_are_refused_and_every_s
     let p = fedhcc_core::params::ParameterSet::decode(&std::fs::read(&out.final_checkpoint).unwrap()).unwrap();
     assert!((p.values()[0] - 0.5).abs() < 1e-6, "(10 · 1 + 10 · 0) / 20: {}", p.values()[0]);
 }
+
+#[tokio::test]
+async fn a_server_stopped_before_the_final_evaluation_closed_evaluates_after_the_restart_then_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a"]);
+    // A round timeout far beyond the test's waits: the evaluation must close by the site's answer.
+    let st = || study(1, 1, 600);
+    let server = start_server(tmp.path(), &["a"], st(), model(100)).await;
+    // Before the restart: a (by hand) trains round 1, then never answers the evaluate task.
+    let mut a = server.client_as("a").await;
+    let mut ta = open_tasks(&mut a).await;
+    let train = next_train(&mut ta).await.task.unwrap();
+    let fp = model(100).fingerprint().to_hex();
+    let zeros = fedhcc_core::params::ParameterSet::zeros(model(100).layout().clone()).encode();
+    raw_upload(&mut a, header_for(&train, &zeros, &fp, fedhcc_proto::MAX_CHUNK_BYTES), chunks(&zeros)).await.unwrap();
+    let old = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), ta.message()).await.expect("an event").unwrap().unwrap();
+        if let Some(fedhcc_proto::task_event::Event::Evaluate(t)) = ev.event {
+            break t.task.unwrap();
+        }
+    };
+    assert_eq!(old.round, 1);
+    server.wait_status("the final evaluation announced", |s| s.phase == "evaluating" && s.rounds.len() == 1).await;
+    let addr = server.addr;
+    drop((a, ta));
+    let stopped = server.stop().await;
+    assert!(!stopped.finished, "stopped before the evaluation closed");
+    assert_eq!(stopped.rounds_completed, 1);
+    let state = tmp.path().join("state");
+    let open = || fedhcc_server::store::Store::open(&state, "run-1").unwrap();
+    assert!(open().evaluations().unwrap().is_empty());
+
+    // Restarted with a site that answers: the final evaluation runs under a new task id, then the run finishes.
+    let dir = tmp.path().to_path_buf();
+    let restart = || {
+        let dir = dir.clone();
+        async move {
+            let listener = loop {
+                match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => break l,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            };
+            let opts = fedhcc_server::ServerOptions {
+                config: server_config(&dir, &["a"]),
+                study: st(),
+                initial_model: model(100),
+            };
+            let token = CancellationToken::new();
+            let handle = tokio::spawn(fedhcc_server::run(listener, opts, token.clone()));
+            TestServer { dir, addr, token, handle: Some(handle) }
+        }
+    };
+    let mut server = restart().await;
+    let ca = tokio::spawn(fedhcc_client::run(
+        client_options(&server, "a"),
+        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::ZERO },
+        CancellationToken::new(),
+    ));
+    let out = server.join().await;
+    assert!(out.finished);
+    assert_eq!((out.rounds_completed, out.final_sha256.as_str()), (1, stopped.final_sha256.as_str()));
+    let client = ca.await.unwrap().unwrap();
+    assert!(client.finished);
+    assert_eq!(client.rounds_trained, 0, "nothing trained again after the restart");
+    let records = open().evaluations().unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let new = &records[0].task_id;
+    assert_eq!((records[0].round, records[0].site.as_str(), records[0].samples), (1, "a", 10));
+    assert_ne!(new, &old.task_id, "task id {} announced again after the restart", old.task_id);
+    let report = state.join("evaluation").join(format!("{new}.json"));
+    assert!(report.is_file(), "{} missing", report.display());
+    assert!(!state.join("evaluation").join(format!("{}.json", old.task_id)).exists());
+
+    // Started again: the run is over and evaluated; it announces nothing and records nothing.
+    let mut again = restart().await;
+    assert_eq!(again.status().await.phase, "finished");
+    let mut a = again.client_as("a").await;
+    let mut ta = open_tasks(&mut a).await;
+    let ev = tokio::time::timeout(Duration::from_secs(30), ta.message()).await.expect("an event").unwrap().unwrap();
+    assert!(matches!(ev.event, Some(fedhcc_proto::task_event::Event::Finished(_))), "{ev:?}");
+    drop((a, ta));
+    again.token.cancel();
+    assert!(again.join().await.finished);
+    assert_eq!(open().evaluations().unwrap().len(), 1);
+}
