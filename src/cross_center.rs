@@ -36,6 +36,7 @@ use fedhcc_core::params::ParameterSet;
 use fedhcc_stats::federated::SitePredictions;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -297,31 +298,37 @@ fn markdown(name: &str, kind: &str, cells: &[Cell], rows: &[String], columns: &[
     md
 }
 
+/// What a cross-center study left.
+pub struct StudyOutcome {
+    /// The output folder.
+    pub out: PathBuf,
+    /// `study.md`'s text: every model's matrices.
+    pub summary: String,
+    /// The first model's matrix.
+    pub first: CrossCenter,
+}
+
 /// Runs `fedhcc study` and prints its summary.
 ///
 /// # Errors
 /// See [`run`].
 pub fn study(args: &StudyArgs) -> Result<()> {
-    let (out, _) = run_printing(args, true)?;
+    let done = run(args)?;
+    println!("\n{}", done.summary);
     println!(
         "Written: {} (study.md, study.json; per model cross-center.json for `fedhcc report --cross-center`, \
          cross-center.csv, runs/)",
-        out.display()
+        done.out.display()
     );
     Ok(())
 }
 
-/// Runs the cross-center study quietly (progress only); returns the output folder and the first
-/// model's matrix.
+/// Runs the cross-center study, printing progress only.
 ///
 /// # Errors
 /// An unreadable or invalid study file or site configuration, unusable site data, a federation
 /// that fails, or an output folder that cannot be written (then nothing is left behind).
-pub fn run(args: &StudyArgs) -> Result<(PathBuf, CrossCenter)> {
-    run_printing(args, false)
-}
-
-fn run_printing(args: &StudyArgs, print_summary: bool) -> Result<(PathBuf, CrossCenter)> {
+pub fn run(args: &StudyArgs) -> Result<StudyOutcome> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading the cross-center study file {}", args.config.display()))?;
     let file: StudyFile =
@@ -339,7 +346,11 @@ fn run_printing(args: &StudyArgs, print_summary: bool) -> Result<(PathBuf, Cross
     }
     let rounds_override = args.rounds.or(file.rounds);
     if rounds_override.is_some_and(|r| r == 0 || r > 1000) {
-        bail!("rounds must be between 1 and 1000");
+        bail!(
+            "rounds = {} ({}): must be between 1 and 1000",
+            rounds_override.unwrap_or_default(),
+            if args.rounds.is_some() { "--rounds".to_string() } else { args.config.display().to_string() }
+        );
     }
     let out = match (&args.out, &file.out) {
         (Some(o), _) => o.clone(),
@@ -362,20 +373,12 @@ fn run_printing(args: &StudyArgs, print_summary: bool) -> Result<(PathBuf, Cross
         }
         models.push((m.name.clone(), ss));
     }
-    let result = crate::outdir::replace_folder(&out, MARKER, "cross-center study", |tmp| {
+    let (summary, first) = crate::outdir::replace_folder(&out, MARKER, "cross-center study", |tmp| {
         let summary = run_models(tmp, &models, &settings, rounds_override, &args.config)?;
         std::fs::write(tmp.join(MARKER), "made by fedhcc study; replaced whole by the next study with this --out\n")?;
         Ok(summary)
-    });
-    match result {
-        Ok((summary, first)) => {
-            if print_summary {
-                println!("\n{summary}");
-            }
-            Ok((out, first))
-        }
-        Err(e) => Err(e),
-    }
+    })?;
+    Ok(StudyOutcome { out, summary, first })
 }
 
 /// Trains and scores every model; returns the markdown summary (also written as `study.md`) and the
@@ -402,12 +405,14 @@ fn run_models(
         let rounds = rounds_override.unwrap_or(ss.study.federation.rounds);
         let site_ids: Vec<String> = ss.sites.iter().map(|s| s.site_id.clone()).collect();
         println!("Model '{name}' ({} model; sites {}; {rounds} rounds)", ss.model.kind(), site_ids.join(", "));
-        let trained = train_all(&rt, &mdir, ss, settings, rounds)?;
-        // Score every model at every site's test split, each site's data loaded once.
+        // Each site's data is loaded once: it trains the site's local-only model and scores every model.
+        let mut executors =
+            ss.sites.iter().map(|s| Trainer::load(&ss.model, s, backend_for(None, s)?)).collect::<Result<Vec<_>>>()?;
+        let trained = train_all(&rt, &mdir, ss, &mut executors, settings, rounds)?;
+        // Score every model at every site's test split.
         let mut cells = Vec::new();
         let mut pooled: Vec<SitePredictions> = vec![SitePredictions::default(); trained.len()];
-        for site in &ss.sites {
-            let mut scorer = Trainer::load(&ss.model, site, backend_for(None, site)?)?;
+        for (site, scorer) in ss.sites.iter().zip(&mut executors) {
             for (t, pool) in trained.iter().zip(pooled.iter_mut()) {
                 let p = scorer
                     .predictions(&t.params, "test")
@@ -453,10 +458,12 @@ fn run_models(
 }
 
 /// Trains every setting's models of one study model, printing progress.
+/// `executors` are the sites' own (in `ss.sites` order): they train the local-only models.
 fn train_all(
     rt: &tokio::runtime::Runtime,
     dir: &Path,
     ss: &StudySites,
+    executors: &mut [Trainer],
     settings: &[Setting],
     rounds: u32,
 ) -> Result<Vec<Trained>> {
@@ -490,23 +497,23 @@ fn train_all(
         let t0 = Instant::now();
         let names: Vec<String> = sites.iter().map(|s| s.site_id.clone()).collect();
         print!("  [{}/{total}] {label} ({}) … ", k + 1, names.join(", "));
-        use std::io::Write as _;
         let _ = std::io::stdout().flush();
         let params = match setting {
             Setting::Federated | Setting::LeaveOneCenterOut => {
                 let run_dir = dir.join("runs").join(slug(&label));
                 federate(rt, &run_dir, &certs, ss, &sites, rounds).with_context(|| label.clone())?
             }
-            Setting::LocalOnly | Setting::Central => {
+            Setting::LocalOnly => {
+                let k = ss.sites.iter().position(|s| s.site_id == names[0]).context("the site's executor")?;
+                train_alone(executors[k].executor(), ss, rounds).with_context(|| label.clone())?
+            }
+            Setting::Central => {
+                // Pooling takes the executors whole: the pooled one is loaded afresh.
                 let parts = sites
                     .iter()
                     .map(|s| Trainer::load(&ss.model, s, backend_for(None, s)?))
                     .collect::<Result<Vec<_>>>()?;
-                let mut trainer = Trainer::pooled(parts)?;
-                let exec = trainer.executor();
-                let mut params = ss.initial.clone();
-                with_pooled_statistics(exec, &mut params)?;
-                fit(exec, params, &ss.study.training, rounds, |_, _| {}).with_context(|| label.clone())?
+                train_alone(Trainer::pooled(parts)?.executor(), ss, rounds).with_context(|| label.clone())?
             }
         };
         let seconds = t0.elapsed().as_secs_f64();
@@ -514,6 +521,14 @@ fn train_all(
         out.push(Trained { setting, label, trained_on: names, params, seconds });
     }
     Ok(out)
+}
+
+/// The study's model trained on `exec`'s data alone (a site, or sites pooled), with its own pooled
+/// statistics, as `fedhcc train` does.
+fn train_alone(exec: &mut dyn fedhcc_client::Executor, ss: &StudySites, rounds: u32) -> Result<ParameterSet> {
+    let mut params = ss.initial.clone();
+    with_pooled_statistics(exec, &mut params)?;
+    fit(exec, params, &ss.study.training, rounds, |_, _| {})
 }
 
 /// A folder name for a row label.

@@ -428,7 +428,8 @@ fn cross_center_study(
     )
     .with_context(|| format!("writing {}", file.display()))?;
     let args = crate::cross_center::StudyArgs { config: file, out: None, rounds: None };
-    let (dir, matrix) = crate::cross_center::run(&args)?;
+    let done = crate::cross_center::run(&args)?;
+    let (dir, matrix) = (done.out, done.first);
     for row in &matrix.rows {
         let cells: Vec<String> = row
             .evaluated_at

@@ -39,11 +39,6 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }
 
-/// The AUC cell of `row` at `at` in cross-center.json.
-fn auc(m: &Value, row: &str, at: &str) -> f64 {
-    cell(m, row, at)
-}
-
 /// The cell of `row` at `at` in one matrix of cross-center.json.
 fn cell(m: &Value, row: &str, at: &str) -> f64 {
     let r = m["rows"].as_array().unwrap().iter().find(|r| r["trained_on"] == row).unwrap_or_else(|| panic!("{row}"));
@@ -109,12 +104,12 @@ fn the_cross_center_study_fills_every_cell_and_each_agrees_with_an_independent_p
 
     // Local-only at its own center = `fedhcc train --mode local` on that site's test split, exactly.
     for s in SITES {
-        assert_eq!(auc(&m, &format!("{s} only"), s), train_auc(dir, "local", &[s]), "{s} only");
+        assert_eq!(cell(&m, &format!("{s} only"), s), train_auc(dir, "local", &[s]), "{s} only");
     }
     // The centralised model over every test patient = `fedhcc train --mode central`, exactly.
-    assert_eq!(auc(&m, "central: pooled data", "pooled"), train_auc(dir, "central", &SITES));
+    assert_eq!(cell(&m, "central: pooled data", "pooled"), train_auc(dir, "central", &SITES));
     // A leave-one-center-out federation is not a local model (two centers trained it).
-    assert_ne!(auc(&m, "federated without center_c", "center_c"), auc(&m, "center_a only", "center_c"));
+    assert_ne!(cell(&m, "federated without center_c", "center_c"), cell(&m, "center_a only", "center_c"));
 
     // The federated model at each center = the server's federated evaluation of its final round.
     let c_rfs = m["secondary"][0].clone();
@@ -137,7 +132,7 @@ fn the_cross_center_study_fills_every_cell_and_each_agrees_with_an_independent_p
         let server_c = fed["c_index"].as_f64().unwrap_or_else(|| panic!("{fed}"));
         assert!((server_c - cell(&c_rfs, "federated: all centers", s)).abs() < 1e-12, "{s}: {server_c}");
         if let Some(server_auc) = fed["auc"]["estimate"].as_f64() {
-            assert!((server_auc - auc(&m, "federated: all centers", s)).abs() < 1e-12, "{s}: {server_auc}");
+            assert!((server_auc - cell(&m, "federated: all centers", s)).abs() < 1e-12, "{s}: {server_auc}");
         }
     }
     let html = std::fs::read_to_string(dir.join("report/report.html")).unwrap();
