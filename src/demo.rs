@@ -412,17 +412,18 @@ fn cross_center_study(
          all data pooled; each scored at every center",
         next()
     );
-    let configs: Vec<String> = sites
-        .iter()
-        .map(|s| format!("\"{}\"", cfg.join(format!("site-{s}.toml")).display().to_string().replace('\\', "/")))
-        .collect();
+    // The file lies in `out`; every path in it is relative to the file itself (as `fedhcc study`
+    // reads it), never to the working directory, so the demo folder can be run from anywhere and moved.
+    let cfg_folder = cfg.file_name().context("the demo's configs folder has no name")?.to_string_lossy();
+    let configs: Vec<String> = sites.iter().map(|s| format!("\"{cfg_folder}/site-{s}.toml\"")).collect();
     let file = out.join(format!("cross-center-{model}.toml"));
     std::fs::write(
         &file,
         format!(
-            "# The demo's cross-center study of the {model} model (`fedhcc study --config {}`).\n\
+            "# The demo's cross-center study of the {model} model (`fedhcc study --config {}`, from this\n\
+             # folder). Paths are relative to this file.\n\
              out = \"cross-center-{model}\"\n\n[[model]]\nname = \"{model}\"\nsite_configs = [{}]\n",
-            file.display(),
+            file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
             configs.join(", ")
         ),
     )

@@ -9,6 +9,7 @@ mod dashboard;
 mod docs;
 mod drills;
 mod evaluation;
+mod frontdoor;
 mod harness;
 mod multimodal;
 mod policy;
