@@ -21,6 +21,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType,
     SerialNumber,
 };
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -451,7 +452,7 @@ fn write_crl(cd: &CertDir, issuer: &Issuer<'_, KeyPair>, reg: &mut Registry) -> 
 /// Unreadable file, or no certificate in it.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let bytes = fs::read(path).map_err(io_err(path))?;
-    let certs = rustls_pemfile::certs(&mut bytes.as_slice()).collect::<Result<Vec<_>, _>>().map_err(io_err(path))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>().map_err(pem_err(path))?;
     if certs.is_empty() {
         return Err(PkiError::Invalid(format!("{}: no PEM certificate found", path.display())));
     }
@@ -464,9 +465,12 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError>
 /// Unreadable file, or no private key in it.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
     let bytes = fs::read(path).map_err(io_err(path))?;
-    rustls_pemfile::private_key(&mut bytes.as_slice())
-        .map_err(io_err(path))?
-        .ok_or_else(|| PkiError::Invalid(format!("{}: no PEM private key found", path.display())))
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            PkiError::Invalid(format!("{}: no PEM private key found", path.display()))
+        }
+        e => pem_err(path)(e),
+    })
 }
 
 /// Reads every CRL in a PEM file.
@@ -475,7 +479,12 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
 /// Unreadable file or bad PEM.
 pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, PkiError> {
     let bytes = fs::read(path).map_err(io_err(path))?;
-    rustls_pemfile::crls(&mut bytes.as_slice()).collect::<Result<Vec<_>, _>>().map_err(io_err(path))
+    CertificateRevocationListDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>().map_err(pem_err(path))
+}
+
+/// A PEM file that does not parse, named.
+fn pem_err(path: &Path) -> impl Fn(rustls::pki_types::pem::Error) -> PkiError + '_ {
+    move |e| PkiError::Invalid(format!("{}: not a valid PEM file ({e})", path.display()))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -635,6 +644,26 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<PeerIdentity, PkiError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pem_files_that_hold_nothing_usable_are_named_with_the_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        init(tmp.path(), "hcc", "srv", &["a".into()], None, 30).unwrap();
+        let cd = CertDir::new(tmp.path());
+        // The real files load: certificates, the key, the (empty) CRL.
+        assert_eq!(load_certs(&cd.site("a")).unwrap().len(), 1);
+        load_key(&cd.site_key("a")).unwrap();
+        load_crls(&cd.crl()).unwrap();
+        // A certificate where the key should be, a key where the certificate should be, broken PEM.
+        let e = load_key(&cd.site("a")).unwrap_err().to_string();
+        assert!(e.contains("no PEM private key found") && e.contains("site-a.pem"), "{e}");
+        let e = load_certs(&cd.site_key("a")).unwrap_err().to_string();
+        assert!(e.contains("no PEM certificate found"), "{e}");
+        let broken = tmp.path().join("broken.pem");
+        fs::write(&broken, "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n").unwrap();
+        let e = load_certs(&broken).unwrap_err().to_string();
+        assert!(e.contains("broken.pem") && e.contains("not a valid PEM file"), "{e}");
+    }
 
     #[test]
     fn init_writes_ca_server_sites_admin_and_private_keys_owner_only() {
