@@ -24,6 +24,19 @@ fn mr_small_matches_pydicom() {
 }
 
 #[test]
+fn a_deflated_explicit_vr_slice_reads_as_the_same_slice() {
+    // MR_small.dcm re-encoded by pydicom in Deflated Explicit VR Little Endian
+    // (tests/fixtures/scripts/make_deflated_dicom.py): every number must be the same.
+    let plain = read_dicom_slice(&fixture("mri/MR_small.dcm")).expect("reads");
+    let deflated = read_dicom_slice(&fixture("mri/MR_small_deflated.dcm")).expect("reads the deflated file");
+    assert_eq!(deflated.pixels, plain.pixels);
+    assert_eq!((deflated.rows, deflated.columns), (plain.rows, plain.columns));
+    assert_eq!(deflated.pixel_spacing, plain.pixel_spacing);
+    assert_eq!(deflated.rescale, plain.rescale);
+    assert_eq!(deflated.position, plain.position);
+}
+
+#[test]
 fn a_folder_with_one_slice_reads_as_a_one_slice_volume() {
     let dir = tempfile::tempdir().expect("tempdir");
     copy_into(dir.path(), "mri/MR_small.dcm");
