@@ -175,6 +175,9 @@ enum ClientCommand {
 enum CertsCommand {
     /// Create a study CA, a server certificate, one certificate per site and an admin certificate.
     Init {
+        /// Folder to write the CA, the certificates, their private keys (owner-only) and the
+        /// revocation list into; created if missing. Keep it on the study lead's machine: the CA key
+        /// in it signs every certificate of the study.
         #[arg(long)]
         dir: PathBuf,
         /// Study id (goes into every certificate).
@@ -189,21 +192,27 @@ enum CertsCommand {
         /// Study lead's name for the admin certificate.
         #[arg(long)]
         admin: Option<String>,
-        /// Validity in days.
+        /// How many days the server, site and admin certificates are valid (the CA gets this plus a
+        /// year). A program whose certificate expires within 14 days warns at start.
         #[arg(long, default_value_t = 730)]
         days: u32,
     },
     /// Issue a certificate for one more site (or admin) without touching the others.
     Issue {
+        /// The study's certificate folder made by `fedhcc certs init` (its CA signs the new
+        /// certificate).
         #[arg(long)]
         dir: PathBuf,
         #[command(flatten)]
         who: Who,
+        /// How many days the new certificate is valid.
         #[arg(long, default_value_t = 730)]
         days: u32,
     },
     /// Revoke a site's (or admin's) certificate; the server refuses it from its next connection.
     Revoke {
+        /// The study's certificate folder made by `fedhcc certs init` (its revocation list,
+        /// `crl.pem`, is rewritten; copy it to the server).
         #[arg(long)]
         dir: PathBuf,
         #[command(flatten)]

@@ -1,7 +1,7 @@
 //! The operator guides cannot drift from the program: every command line in a ```sh block of
-//! `docs/site-operator.md` and `docs/study-lead.md` that starts with `fedhcc` is checked against
-//! the real binary's help, word by word: each subcommand exists where it is used, and each `--flag`
-//! is one that (sub)command accepts.
+//! `docs/site-operator.md`, `docs/study-lead.md` and `certs/README.md` that starts with `fedhcc` is
+//! checked against the real binary's help, word by word: each subcommand exists where it is used,
+//! and each `--flag` is one that (sub)command accepts.
 
 use crate::harness::fedhcc;
 use std::collections::BTreeMap;
@@ -146,6 +146,7 @@ fn every_fedhcc_command_in_the_guides_exists_with_its_flags() {
     let mut cache = HelpCache(BTreeMap::new());
     for (file, must_cover) in [
         ("site-operator.md", &["data check", "preprocess", "client", "client status", "audit verify"][..]),
+        ("../certs/README.md", &["certs init", "certs issue", "certs revoke"][..]),
         (
             "study-lead.md",
             &[
