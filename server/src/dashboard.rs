@@ -534,52 +534,16 @@ pub fn dashboard_json(shared: &Shared) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coordinator::{Coordinator, CoordinatorConfig};
     use crate::metrics::RefusalReason;
-    use crate::state::{Announcement, SiteInfo};
-    use crate::store::{EvaluationRecord, RoundRecord, Store};
+    use crate::state::SiteInfo;
+    use crate::store::{EvaluationRecord, RoundRecord};
     use axum::body::Body;
-    use std::collections::BTreeMap;
-    use std::sync::{Mutex, RwLock};
     use tower::ServiceExt;
 
     const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
     fn shared(dir: &Path) -> Arc<Shared> {
-        let study: fedhcc_core::config::StudyConfig =
-            toml::from_str("study_id = \"s\"\n[federation]\nrounds = 3\nevaluate_every = 1\n").unwrap();
-        let coord = Coordinator::new(
-            CoordinatorConfig {
-                rounds: 3,
-                min_sites: 2,
-                round_timeout: std::time::Duration::from_secs(60),
-                evaluate_every: 1,
-                statistics: false,
-            },
-            0,
-        );
-        let (jobs, _) = mpsc::channel(4);
-        Arc::new(Shared {
-            allowed: ["a".to_string(), "b".to_string()].into(),
-            study,
-            coord: Mutex::new(coord),
-            global: RwLock::new(None),
-            announce: tokio::sync::watch::channel(Announcement::default()).0,
-            sites: Mutex::new(BTreeMap::new()),
-            wake: Default::default(),
-            jobs,
-            spool_dir: dir.join("spool"),
-            store: Arc::new(Mutex::new(Store::open(dir, "run-1").unwrap())),
-            bytes_in: Default::default(),
-            bytes_out: Default::default(),
-            task_started: Mutex::new(None),
-            metrics: Default::default(),
-            events: Default::default(),
-            audit: Default::default(),
-            joins: Default::default(),
-            shutdown: Default::default(),
-            tracker: Default::default(),
-        })
+        crate::state::test_shared(dir, mpsc::unbounded_channel().0)
     }
 
     async fn call(app: &Router, req: axum::http::Request<Body>) -> (StatusCode, HeaderMap, String) {

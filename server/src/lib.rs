@@ -205,7 +205,7 @@ pub async fn run_with_dashboard(
         coord.enable_secure_aggregation(Duration::from_secs(p.key_timeout_s).min(round / 2));
     }
     let already_finished = coord.phase() == Phase::Finished;
-    let (jobs_tx, jobs_rx) = mpsc::channel(64);
+    let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     let inner = shutdown.child_token();
     let (announce, _) = watch::channel(Announcement { task: None, finished: already_finished.then_some(completed) });
     let shared = Arc::new(Shared {
@@ -426,7 +426,7 @@ fn verify_checkpoint(store: &Store, path: &Path, sha: &str) -> Result<Layout, Se
 /// tasks at their deadline. Returns whether the run finished.
 async fn drive(
     shared: Arc<Shared>,
-    mut jobs: mpsc::Receiver<Action>,
+    mut jobs: mpsc::UnboundedReceiver<Action>,
     mut strategy: Box<dyn Strategy>,
     keep: usize,
 ) -> bool {
