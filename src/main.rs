@@ -25,6 +25,11 @@ mod validate;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The command ran to the end but found what stops training (`fedhcc data check`: an `error` finding).
+/// The exit codes of every command are in docs/site-operator.md, "Exit codes".
+pub const EXIT_DATA_ERRORS: u8 = 3;
 
 /// Federated learning for multi-center clinical prediction studies.
 ///
@@ -257,7 +262,7 @@ fn parse_strategy(s: &str) -> Result<fedhcc_core::aggregation::StrategyKind, Str
     s.parse()
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(match cli.command {
         Command::Bench(_) | Command::Study(_) | Command::Demo { .. } => "warn",
@@ -306,10 +311,16 @@ fn main() -> std::process::ExitCode {
         Command::Bench(BenchCommand::Drills(args)) => bench::drills::drills(&args),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<commands::DataErrorsFound>() {
+            Some(found) => {
+                eprintln!("{found}");
+                ExitCode::from(EXIT_DATA_ERRORS)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
