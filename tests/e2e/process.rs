@@ -143,3 +143,42 @@ async fn server_killed_mid_round_resumes_with_every_round_intact() {
     let p = fedhcc_core::params::ParameterSet::decode(&bytes).unwrap();
     assert!(p.values().iter().all(|v| (v - 5.0).abs() < 1e-6), "five rounds of +1");
 }
+
+/// `--log`, then `FEDHCC_LOG`, then `RUST_LOG` set the log filter; one that does not parse stops the
+/// command with exit code 2 and a message naming where it came from, instead of logging at `info`.
+#[test]
+fn a_bad_log_filter_is_refused_naming_the_flag_or_variable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-audit.jsonl");
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).arg("audit").arg("verify").arg(&missing).env_remove("FEDHCC_LOG").env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for (args, env, named) in [
+        (&["--log", "verbose"][..], &[][..], "--log = 'verbose'"),
+        (&[][..], &[("FEDHCC_LOG", "fedhcc_server=loud")][..], "FEDHCC_LOG = 'fedhcc_server=loud'"),
+        (&[][..], &[("RUST_LOG", "warning")][..], "RUST_LOG = 'warning'"),
+        // The flag wins over both variables, and FEDHCC_LOG over RUST_LOG: each bad one is named.
+        (&["--log", "nope"][..], &[("FEDHCC_LOG", "warn"), ("RUST_LOG", "warn")][..], "--log = 'nope'"),
+        (&[][..], &[("FEDHCC_LOG", "nope"), ("RUST_LOG", "warn")][..], "FEDHCC_LOG = 'nope'"),
+    ] {
+        let (code, stderr) = run(args, env);
+        assert_eq!(code, Some(2), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(named) && stderr.contains("not a log level"), "{stderr}");
+    }
+    // A good filter from any source lets the command run (and fail on its own: exit code 1).
+    for (args, env) in [
+        (&["--log", "warn"][..], &[("RUST_LOG", "nope")][..]),
+        (&[][..], &[("FEDHCC_LOG", "error"), ("RUST_LOG", "nope")][..]),
+        (&[][..], &[("RUST_LOG", "warn,fedhcc_server=debug")][..]),
+    ] {
+        let (code, stderr) = run(args, env);
+        assert_eq!(code, Some(1), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains("no-such-audit.jsonl") && !stderr.contains("log level"), "{stderr}");
+    }
+}
