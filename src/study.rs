@@ -289,6 +289,56 @@ mod tests {
         toml::from_str(&text).unwrap()
     }
 
+    /// Every study file and site configuration in configs/ types as the model it is named after, with
+    /// the model's default (`--scale full`) sizes.
+    #[test]
+    fn every_shipped_study_and_site_config_types_as_its_model() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let kind_of = |name: &str| match name {
+            n if n.contains("preop") => "preop",
+            n if n.contains("postop") => "postop",
+            _ => "clinical",
+        };
+        let mut seen = Vec::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let study = if name.starts_with("study") {
+                fedhcc_core::config::load_study(&path).unwrap()
+            } else if name.starts_with("site-") {
+                fedhcc_core::config::load_site(&path).unwrap().1
+            } else {
+                continue;
+            };
+            let model = StudyModel::from_study(&study).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            assert_eq!(model.kind(), kind_of(&name), "{name}");
+            model.initial_params(study.training.seed).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            if let Some(cfg) = model.multimodal_config().unwrap() {
+                let full = MultimodalSection::default();
+                assert_eq!((cfg.mri.crop, cfg.mri.phases), ([32, 64, 64], 5), "{name}");
+                assert_eq!((&cfg.mri.channels, cfg.mri.embed), (&full.mri.channels, full.mri.embed), "{name}");
+                let preset = if model.kind() == "preop" { "hcc_preoperative" } else { "hcc_postoperative" };
+                assert_eq!(model.cohort.preset.as_deref(), Some(preset), "{name}");
+            }
+            seen.push(name);
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "site-center_b-postop.toml",
+                "site-center_b-preop.toml",
+                "site-center_b.toml",
+                "site-tongji-postop.toml",
+                "site-tongji-preop.toml",
+                "site-tongji.toml",
+                "study-postop.toml",
+                "study-preop.toml",
+                "study.toml",
+            ]
+        );
+    }
+
     #[test]
     fn a_preoperative_model_with_the_postoperative_preset_is_refused_with_the_reason() {
         let e = StudyModel::from_study(&study("kind = \"preop\"", "preset = \"hcc_postoperative\""))
