@@ -5,6 +5,7 @@ use crate::executor::ClinicalExecutor;
 use crate::study::StudyModel;
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use fedhcc_cohort::{CohortError, Finding, Severity};
 use fedhcc_core::config::{load_admin, load_server, load_site};
 use fedhcc_core::pki::{self, Role, Validity};
 use std::path::{Path, PathBuf};
@@ -469,12 +470,17 @@ pub fn preprocess(args: &PreprocessArgs) -> Result<()> {
     Ok(())
 }
 
-/// What `data check --json` prints: the clinical check's keys, plus `imaging` when the site has images.
+/// What `data check --json` prints: the clinical check's keys (absent when `clinical.csv` could not be read),
+/// `imaging` when the site has images, then the model checked for, every finding and the totals.
 #[derive(serde::Serialize)]
 struct FullCheck<'a> {
     #[serde(flatten)]
-    clinical: &'a fedhcc_cohort::DataCheck,
+    clinical: Option<&'a fedhcc_cohort::DataCheck>,
     imaging: Option<&'a crate::imaging_check::ImagingCheck>,
+    model: &'a str,
+    findings: &'a [Finding],
+    errors: usize,
+    warnings: usize,
 }
 
 /// A site's data check: the clinical table and, when the site has image folders, the images.
@@ -483,21 +489,106 @@ pub struct SiteDataCheck {
     pub site_id: String,
     /// The clinical table checked.
     pub csv: PathBuf,
-    /// Counts, exclusions, label flow.
-    pub clinical: fedhcc_cohort::DataCheck,
+    /// The study's model kind (`clinical`, `preop`, `postop`): what the severities are judged against.
+    pub model: &'static str,
+    /// Counts, exclusions, label flow (`None`: the table could not be read; the findings say why).
+    pub clinical: Option<fedhcc_cohort::DataCheck>,
     /// The image check (`None`: no mri/ or wsi/ folder).
     pub imaging: Option<crate::imaging_check::ImagingCheck>,
+    /// Everything found, errors first.
+    pub findings: Vec<Finding>,
 }
 
 impl SiteDataCheck {
+    /// Findings that stop the model from training on a patient or on the site.
+    pub fn errors(&self) -> usize {
+        self.findings.iter().filter(|f| f.severity == Severity::Error).count()
+    }
+
+    /// Findings that do not.
+    pub fn warnings(&self) -> usize {
+        self.findings.iter().filter(|f| f.severity == Severity::Warning).count()
+    }
+
     /// What `data check --json` prints.
     ///
     /// # Errors
     /// Encoding failure.
     pub fn to_json(&self) -> Result<String> {
-        Ok(serde_json::to_string_pretty(&FullCheck { clinical: &self.clinical, imaging: self.imaging.as_ref() })?)
+        Ok(serde_json::to_string_pretty(&FullCheck {
+            clinical: self.clinical.as_ref(),
+            imaging: self.imaging.as_ref(),
+            model: self.model,
+            findings: &self.findings,
+            errors: self.errors(),
+            warnings: self.warnings(),
+        })?)
+    }
+
+    /// What `data check` prints: the clinical and image reports, then the findings and the verdict.
+    pub fn to_text(&self) -> String {
+        let mut out =
+            format!("Data check for site {} ({}), {} model\n\n", self.site_id, self.csv.display(), self.model);
+        if let Some(c) = &self.clinical {
+            out.push_str(&c.to_text());
+        }
+        match &self.imaging {
+            Some(i) => out.push_str(&i.to_text()),
+            None if self.clinical.is_some() => out.push_str(&format!(
+                "Imaging: no mri/ or wsi/ folder in {}\n",
+                self.csv.parent().unwrap_or(&self.csv).display()
+            )),
+            None => {}
+        }
+        let (errors, warnings) = (self.errors(), self.warnings());
+        out.push_str(&format!("\nFindings: {errors} error(s), {warnings} warning(s)\n"));
+        for f in &self.findings {
+            out.push_str(&format!("  {:<7}  {}: {}\n", f.severity, f.code, f.message));
+            let shown = 20;
+            let (list, what) = if f.patients.is_empty() {
+                (f.rows.iter().map(ToString::to_string).collect::<Vec<_>>(), "rows")
+            } else {
+                (f.patients.clone(), "patients")
+            };
+            if !list.is_empty() {
+                let more = list.len().saturating_sub(shown);
+                let tail = if more > 0 { format!(" … and {more} more (--json lists all)") } else { String::new() };
+                out.push_str(&format!("           {what}: {}{tail}\n", list[..list.len().min(shown)].join(", ")));
+            }
+        }
+        if errors > 0 {
+            out.push_str(&format!(
+                "Result: {errors} error(s): the {} model cannot train on the patients (or the site) named above until \
+                 they are fixed; exit code {}\n",
+                self.model,
+                crate::EXIT_DATA_ERRORS
+            ));
+        } else {
+            out.push_str(&format!("Result: no error; the {} model can train on this site's data\n", self.model));
+        }
+        out
     }
 }
+
+/// `fedhcc data check` ran to the end and found errors: `main` exits with [`crate::EXIT_DATA_ERRORS`].
+#[derive(Debug)]
+pub struct DataErrorsFound {
+    pub errors: usize,
+    pub warnings: usize,
+}
+
+impl std::fmt::Display for DataErrorsFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "data check: {} error(s) and {} warning(s): the model cannot train on some patients or on this site \
+             until the errors are fixed (see the findings)",
+            self.errors, self.warnings
+        )
+    }
+}
+
+impl std::error::Error for DataErrorsFound {}
 
 /// Image checks already made, reused when the same patients of the same data folder are checked again
 /// under the same `[imaging]` settings (the demo checks each site once per model).
@@ -510,9 +601,21 @@ type ImagingInputs = (PathBuf, Vec<String>, toml::Table);
 /// Runs a site's data check (what `fedhcc data check` prints).
 ///
 /// # Errors
-/// Invalid configuration, or an unreadable clinical table.
+/// Invalid configuration. An unusable clinical table is not an error but a finding.
 pub fn run_data_check(site_config: &Path) -> Result<SiteDataCheck> {
     run_data_check_cached(site_config, &mut ImagingChecks::default())
+}
+
+/// The finding code of a clinical table that cannot be used at all, or `None` for an error that is not
+/// about the table (an invalid spec: a configuration error).
+fn table_error_code(e: &CohortError) -> Option<&'static str> {
+    match e {
+        CohortError::Read { .. } => Some("clinical_table_unreadable"),
+        CohortError::BadHeader { .. } => Some("clinical_header_unusable"),
+        CohortError::MissingColumns { .. } => Some("missing_columns"),
+        CohortError::Empty { .. } => Some("clinical_table_empty"),
+        _ => None,
+    }
 }
 
 /// [`run_data_check`], reusing an image check of `cache` made on the same inputs.
@@ -522,40 +625,80 @@ pub fn run_data_check(site_config: &Path) -> Result<SiteDataCheck> {
 pub fn run_data_check_cached(site_config: &Path, cache: &mut ImagingChecks) -> Result<SiteDataCheck> {
     let (site, study) = load_site(site_config)?;
     let model = StudyModel::from_study(&study)?;
+    let kind = model.kind();
+    let uses = crate::preprocess::Modalities { mri: matches!(kind, "preop" | "postop"), wsi: kind == "postop" };
     let csv = site.data_dir.join("clinical.csv");
-    let report = fedhcc_cohort::Cohort::load(&csv, &model.spec, &model.cohort.outcomes)?;
-    let clinical = fedhcc_cohort::DataCheck::run(&report, &model.spec);
-    let has_images = site.data_dir.join("mri").is_dir() || site.data_dir.join("wsi").is_dir();
-    let imaging = if has_images {
-        let cfg = crate::preprocess::ImagingSection::from_study(&study)?;
-        let ids: Vec<String> = report.cohort.patients.iter().map(|p| p.id.clone()).collect();
-        let key = (site.data_dir.clone(), ids, study.imaging.clone());
-        match cache.0.iter().find(|(k, _)| *k == key) {
-            Some((_, check)) => Some(check.clone()),
-            None => {
-                let check = crate::imaging_check::ImagingCheck::run(&site.data_dir, &key.1, &cfg, default_threads());
-                cache.0.push((key, check.clone()));
-                Some(check)
+    let mut findings = Vec::new();
+    let report = match fedhcc_cohort::Cohort::load(&csv, &model.spec, &model.cohort.outcomes) {
+        Ok(r) => Some(r),
+        Err(e) => match table_error_code(&e) {
+            Some(code) => {
+                findings.push(Finding::new(
+                    Severity::Error,
+                    code,
+                    0,
+                    format!("{e}: this site cannot train until clinical.csv is fixed"),
+                ));
+                None
             }
-        }
-    } else {
-        None
+            None => return Err(e.into()),
+        },
     };
-    Ok(SiteDataCheck { site_id: site.site_id, csv, clinical, imaging })
+    let clinical = report.as_ref().map(|r| fedhcc_cohort::DataCheck::run(r, &model.spec));
+    if let Some(c) = &clinical {
+        findings.extend(c.findings());
+    }
+    let has_images = site.data_dir.join("mri").is_dir() || site.data_dir.join("wsi").is_dir();
+    let imaging = match &report {
+        Some(report) if has_images => {
+            let cfg = crate::preprocess::ImagingSection::from_study(&study)?;
+            let ids: Vec<String> = report.cohort.patients.iter().map(|p| p.id.clone()).collect();
+            let key = (site.data_dir.clone(), ids, study.imaging.clone());
+            let mut check = match cache.0.iter().find(|(k, _)| *k == key) {
+                Some((_, check)) => check.clone(),
+                None => {
+                    let check =
+                        crate::imaging_check::ImagingCheck::run(&site.data_dir, &key.1, &cfg, default_threads());
+                    cache.0.push((key, check.clone()));
+                    check
+                }
+            };
+            check.set_severities(uses);
+            findings.extend(check.findings(kind, uses));
+            Some(check)
+        }
+        Some(report) if uses.mri => {
+            findings.push(Finding::new(
+                Severity::Error,
+                "mri_missing",
+                report.cohort.patients.len(),
+                format!(
+                    "{} has no mri/ folder: the {kind} model needs each patient's MRI (mri/<patient_id>/), so this \
+                     site cannot train it",
+                    site.data_dir.display()
+                ),
+            ));
+            None
+        }
+        _ => None,
+    };
+    findings.sort_by_key(|f| f.severity);
+    Ok(SiteDataCheck { site_id: site.site_id, csv, model: kind, clinical, imaging, findings })
 }
 
+/// `fedhcc data check`: prints the check; an error found is [`DataErrorsFound`] (exit code 3).
+///
+/// # Errors
+/// Invalid configuration, or [`DataErrorsFound`].
 pub fn data_check(site_config: &Path, json: bool) -> Result<()> {
     let checked = run_data_check(site_config)?;
-    let SiteDataCheck { site_id, csv, clinical: check, imaging } = &checked;
     if json {
         println!("{}", checked.to_json()?);
     } else {
-        println!("Data check for site {site_id} ({})\n", csv.display());
-        print!("{}", check.to_text());
-        match imaging {
-            Some(i) => print!("{}", i.to_text()),
-            None => println!("Imaging: no mri/ or wsi/ folder in {}", csv.parent().unwrap_or(csv).display()),
-        }
+        print!("{}", checked.to_text());
     }
-    Ok(())
+    match checked.errors() {
+        0 => Ok(()),
+        errors => Err(DataErrorsFound { errors, warnings: checked.warnings() }.into()),
+    }
 }

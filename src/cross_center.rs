@@ -329,6 +329,28 @@ pub fn study(args: &StudyArgs) -> Result<()> {
 /// An unreadable or invalid study file or site configuration, unusable site data, a federation
 /// that fails, or an output folder that cannot be written (then nothing is left behind).
 pub fn run(args: &StudyArgs) -> Result<StudyOutcome> {
+    let Plan { out, settings, rounds_override, models } = plan(args)?;
+    let (summary, first) = crate::outdir::replace_folder(&out, MARKER, "cross-center study", |tmp| {
+        let summary = run_models(tmp, &models, &settings, rounds_override, &args.config)?;
+        std::fs::write(tmp.join(MARKER), "made by fedhcc study; replaced whole by the next study with this --out\n")?;
+        Ok(summary)
+    })?;
+    Ok(StudyOutcome { out, summary, first })
+}
+
+/// A study file read and checked, with every model's site configurations and study loaded.
+struct Plan {
+    out: PathBuf,
+    settings: Vec<Setting>,
+    rounds_override: Option<u32>,
+    models: Vec<(String, StudySites)>,
+}
+
+/// Reads and checks everything before anything is trained or written.
+///
+/// # Errors
+/// As [`run`], less the training and the writing.
+fn plan(args: &StudyArgs) -> Result<Plan> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading the cross-center study file {}", args.config.display()))?;
     let file: StudyFile =
@@ -373,12 +395,7 @@ pub fn run(args: &StudyArgs) -> Result<StudyOutcome> {
         }
         models.push((m.name.clone(), ss));
     }
-    let (summary, first) = crate::outdir::replace_folder(&out, MARKER, "cross-center study", |tmp| {
-        let summary = run_models(tmp, &models, &settings, rounds_override, &args.config)?;
-        std::fs::write(tmp.join(MARKER), "made by fedhcc study; replaced whole by the next study with this --out\n")?;
-        Ok(summary)
-    })?;
-    Ok(StudyOutcome { out, summary, first })
+    Ok(Plan { out, settings, rounds_override, models })
 }
 
 /// Trains and scores every model; returns the markdown summary (also written as `study.md`) and the
@@ -601,6 +618,19 @@ mod tests {
                 Some((1000.0, false)),
             ],
         }
+    }
+
+    #[test]
+    fn the_shipped_cross_center_file_names_the_preoperative_and_postoperative_models() {
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/cross-center.toml");
+        let plan = plan(&StudyArgs { config, out: None, rounds: None }).unwrap();
+        let kinds: Vec<(&str, &str)> = plan.models.iter().map(|(n, ss)| (n.as_str(), ss.model.kind())).collect();
+        assert_eq!(kinds, [("preoperative", "preop"), ("postoperative", "postop")]);
+        for (name, ss) in &plan.models {
+            let sites: Vec<&str> = ss.sites.iter().map(|s| s.site_id.as_str()).collect();
+            assert_eq!(sites, ["tongji", "center_b"], "{name}");
+        }
+        assert_eq!(plan.settings, ALL_SETTINGS);
     }
 
     #[test]

@@ -10,10 +10,11 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use fedhcc_cohort::{Finding, Severity};
 use fedhcc_imaging::{PhaseSource, Slide, Volume, find_patient_mri, read_dicom_series, read_nifti};
 use serde::Serialize;
 
-use crate::preprocess::{ImagingSection, list_slides, safe_id};
+use crate::preprocess::{ImagingSection, Modalities, list_slides, safe_id};
 
 /// One problem with one patient's images.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -25,6 +26,26 @@ pub struct ImageProblem {
     pub kind: String,
     /// What is wrong, naming the file.
     pub detail: String,
+    /// `error` when the study's model uses this modality and so cannot train on the patient (an MRI problem
+    /// under the preop or postop model); `warning` otherwise (a slide: the patient trains on its other
+    /// slides, or with the slide input marked absent). Set by [`ImagingCheck::set_severities`].
+    pub severity: Severity,
+}
+
+impl ImageProblem {
+    /// How much this problem matters to a model that uses `uses`.
+    pub fn severity_for(&self, uses: Modalities) -> Severity {
+        if self.modality == "mri" && uses.mri { Severity::Error } else { Severity::Warning }
+    }
+
+    /// The finding code of this kind of problem (an unreadable folder is named after its modality).
+    fn code(&self) -> String {
+        match (self.modality.as_str(), self.kind.as_str()) {
+            ("mri", "folder_unreadable") => "mri_folder_unreadable".into(),
+            ("wsi", "folder_unreadable") => "slide_folder_unreadable".into(),
+            (_, kind) => kind.into(),
+        }
+    }
 }
 
 /// Counts of one configured MRI phase.
@@ -48,13 +69,23 @@ pub struct ImagingCheck {
     pub slides_readable: usize,
     /// Image folders whose name is not a patient of the clinical table (ignored by training).
     pub folders_without_clinical_row: Vec<String>,
+    /// Patients with no `mri/<patient_id>/` folder.
+    pub without_mri_folder: Vec<String>,
+    /// Patients with no `wsi/<patient_id>/` folder (or no slide in it).
+    pub without_slides: Vec<String>,
     pub problems: Vec<ImageProblem>,
     /// What the image models will leave out, and why.
     pub excluded: Vec<String>,
 }
 
 fn problem(patient: &str, modality: &str, kind: &str, detail: String) -> ImageProblem {
-    ImageProblem { patient: patient.into(), modality: modality.into(), kind: kind.into(), detail }
+    ImageProblem {
+        patient: patient.into(),
+        modality: modality.into(),
+        kind: kind.into(),
+        detail,
+        severity: Severity::Warning,
+    }
 }
 
 struct PatientResult {
@@ -217,10 +248,18 @@ impl ImagingCheck {
             slides: 0,
             slides_readable: 0,
             folders_without_clinical_row: Vec::new(),
+            without_mri_folder: Vec::new(),
+            without_slides: Vec::new(),
             problems: Vec::new(),
             excluded: Vec::new(),
         };
-        for r in results.into_values() {
+        for (i, r) in results {
+            if !r.mri_folder {
+                check.without_mri_folder.push(ids[i].clone());
+            }
+            if r.slides == 0 {
+                check.without_slides.push(ids[i].clone());
+            }
             check.mri_folders += usize::from(r.mri_folder);
             check.mri_usable += usize::from(r.mri_usable);
             for (c, present) in check.phases.iter_mut().zip(&r.phases) {
@@ -272,6 +311,105 @@ impl ImagingCheck {
         check
     }
 
+    /// Sets each problem's severity for a model that uses `uses` (the check itself does not depend on the
+    /// model, so one check serves several models).
+    pub fn set_severities(&mut self, uses: Modalities) {
+        for p in &mut self.problems {
+            p.severity = p.severity_for(uses);
+        }
+    }
+
+    /// The findings for the study's `model` (`clinical`, `preop`, `postop`), which uses `uses`: one per kind
+    /// of problem with the patients concerned, patients without an MRI folder (an error when the model
+    /// uses MRI), patients without a slide (a warning for the postoperative model), and image folders
+    /// with no clinical row (a warning).
+    pub fn findings(&self, model: &str, uses: Modalities) -> Vec<Finding> {
+        let mut out = Vec::new();
+        let mut groups: BTreeMap<(Severity, String), Vec<&ImageProblem>> = BTreeMap::new();
+        for p in &self.problems {
+            groups.entry((p.severity_for(uses), p.code())).or_default().push(p);
+        }
+        for ((severity, code), problems) in groups {
+            let mut patients: Vec<String> = Vec::new();
+            if code != "unusable_id" {
+                for p in &problems {
+                    if !patients.contains(&p.patient) {
+                        patients.push(p.patient.clone());
+                    }
+                }
+            }
+            let count = if code == "unusable_id" { problems.len() } else { patients.len() };
+            let what = match code.as_str() {
+                "mask_missing" => "no tumour mask (mask.nii.gz) in the MRI folder",
+                "mask_unreadable" => "the tumour mask cannot be read",
+                "mask_empty" => "the tumour mask marks no tumour voxel",
+                "mask_grid" => "the tumour mask is not on the grid of an MRI phase",
+                "phase_unreadable" => "an MRI phase cannot be read (a truncated or damaged file)",
+                "no_phase" => "none of the study's MRI phases is in the MRI folder",
+                "mri_folder_unreadable" => "the MRI folder cannot be read",
+                "slide_unreadable" => "a slide cannot be read (a truncated or damaged file)",
+                "slide_folder_unreadable" => "the slide folder cannot be read",
+                "unusable_id" => "the patient id cannot name an image folder (letters, digits, '-', '_', '.' only)",
+                _ => "an image problem",
+            };
+            let effect = match (severity, code.starts_with("slide")) {
+                (Severity::Error, _) => format!("left out of the {model} model until it is fixed"),
+                (Severity::Warning, true) if uses.wsi => {
+                    "the postoperative model uses the patient's other slides, or none".to_owned()
+                }
+                (Severity::Warning, _) => format!("the {model} model does not use these images"),
+            };
+            let mut f = Finding::new(
+                severity,
+                &code,
+                count,
+                format!("{what}: {count} patient(s), {effect}; each file and reason is under the image problems"),
+            );
+            f.patients = patients;
+            out.push(f);
+        }
+        if uses.mri && !self.without_mri_folder.is_empty() {
+            let n = self.without_mri_folder.len();
+            let mut f = Finding::new(
+                Severity::Error,
+                "mri_missing",
+                n,
+                format!("{n} patient(s) have no mri/<patient_id>/ folder: they are left out of the {model} model"),
+            );
+            f.patients = self.without_mri_folder.clone();
+            out.push(f);
+        }
+        if uses.wsi && !self.without_slides.is_empty() {
+            let n = self.without_slides.len();
+            let mut f = Finding::new(
+                Severity::Warning,
+                "slides_missing",
+                n,
+                format!(
+                    "{n} patient(s) have no slide in wsi/<patient_id>/: the {model} model uses them with its slide \
+                     input marked absent"
+                ),
+            );
+            f.patients = self.without_slides.clone();
+            out.push(f);
+        }
+        if !self.folders_without_clinical_row.is_empty() {
+            let n = self.folders_without_clinical_row.len();
+            let mut f = Finding::new(
+                Severity::Warning,
+                "folder_without_clinical_row",
+                n,
+                format!(
+                    "{n} image folder(s) are named after no patient of clinical.csv (a typo in the id, or a \
+                     patient excluded from the table): training ignores them"
+                ),
+            );
+            f.patients = self.folders_without_clinical_row.clone();
+            out.push(f);
+        }
+        out
+    }
+
     /// The plain-text report.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
@@ -308,7 +446,7 @@ impl ImagingCheck {
                 kinds.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
             ));
             for p in &self.problems {
-                line(format!("  patient {} [{}] {}: {}", p.patient, p.modality, p.kind, p.detail));
+                line(format!("  {:<7}  patient {} [{}] {}: {}", p.severity, p.patient, p.modality, p.kind, p.detail));
             }
         }
         for e in &self.excluded {

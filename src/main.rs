@@ -23,8 +23,15 @@ mod study;
 mod train;
 mod validate;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The command ran to the end but found what stops training (`fedhcc data check`: an `error` finding).
+/// The exit codes of every command are in docs/site-operator.md, "Exit codes".
+pub const EXIT_DATA_ERRORS: u8 = 3;
+/// The command line, or the environment it reads (`FEDHCC_LOG`, `RUST_LOG`), is not valid; clap uses it too.
+pub const EXIT_USAGE: u8 = 2;
 
 /// Federated learning for multi-center clinical prediction studies.
 ///
@@ -33,9 +40,10 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "fedhcc", version, propagate_version = true)]
 struct Cli {
-    /// Log detail: error, warn, info, debug (or a tracing filter such as `fedhcc_server=debug`).
-    /// Default: info, and warn for `bench`, `study` and `demo` (whose in-process servers and clients
-    /// would drown their own output).
+    /// Log detail: error, warn, info, debug, trace or off, or a tracing filter such as
+    /// `warn,fedhcc_server=debug`. Read from this flag, else FEDHCC_LOG, else RUST_LOG; default: info,
+    /// and warn for `bench`, `study` and `demo` (whose in-process servers and clients would drown their
+    /// own output). A filter that does not parse is refused (exit code 2).
     #[arg(long, global = true, env = "FEDHCC_LOG")]
     log: Option<String>,
     #[command(subcommand)]
@@ -266,13 +274,92 @@ fn parse_strategy(s: &str) -> Result<fedhcc_core::aggregation::StrategyKind, Str
     s.parse()
 }
 
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(match cli.command {
+/// Where the log filter came from, for an error message that names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LogSource {
+    Flag,
+    FedhccLog,
+    RustLog,
+    Default,
+}
+
+impl LogSource {
+    fn name(self) -> &'static str {
+        match self {
+            LogSource::Flag => "--log",
+            LogSource::FedhccLog => "FEDHCC_LOG",
+            LogSource::RustLog => "RUST_LOG",
+            LogSource::Default => "the default log filter",
+        }
+    }
+}
+
+/// The log filter to use: `--log`, else `FEDHCC_LOG` (both as clap read them: `log`, `source`), else
+/// `RUST_LOG`, else `default`. Empty values count as unset.
+fn log_filter_text(
+    log: Option<&str>,
+    source: Option<clap::parser::ValueSource>,
+    rust_log: Option<&str>,
+    default: &str,
+) -> (String, LogSource) {
+    let set = |v: Option<&str>| v.map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
+    if let Some(v) = set(log) {
+        let from =
+            if source == Some(clap::parser::ValueSource::EnvVariable) { LogSource::FedhccLog } else { LogSource::Flag };
+        return (v, from);
+    }
+    match set(rust_log) {
+        Some(v) => (v, LogSource::RustLog),
+        None => (default.to_owned(), LogSource::Default),
+    }
+}
+
+/// Parses a log filter. Stricter than `EnvFilter` alone: a bare word must be a level, because
+/// `EnvFilter` reads `--log verbose` (or `warning`) as "everything of a target named verbose", which
+/// silently logs nothing; a target is written `target=level`.
+fn parse_log_filter(text: &str, from: LogSource) -> Result<tracing_subscriber::EnvFilter, String> {
+    let levels = "error, warn, info, debug, trace, off";
+    let is_level = |l: &str| l.parse::<tracing_subscriber::filter::LevelFilter>().is_ok();
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            // `target[span{field=value}]` (no level of its own) is left to the parser.
+            Some((_, level)) if level.contains(['}', ']']) => continue,
+            Some((_, level)) => level,
+            None => directive,
+        };
+        if !is_level(level) {
+            return Err(format!(
+                "{} = '{text}': '{level}' is not a log level ({levels}); to set a target's level write \
+                 target=level, e.g. fedhcc_server=debug",
+                from.name()
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map_err(|e| format!("{} = '{text}' is not a log filter: {e} (levels: {levels}; or target=level)", from.name()))
+}
+
+fn main() -> ExitCode {
+    let matches = Cli::command().get_matches();
+    let log_source = matches.value_source("log");
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let default_log = match cli.command {
         Command::Bench(_) | Command::Study(_) | Command::Demo { .. } => "warn",
         _ => "info",
-    }))
-    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    };
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (text, from) = log_filter_text(cli.log.as_deref(), log_source, rust_log.as_deref(), default_log);
+    let filter = match parse_log_filter(&text, from) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -315,10 +402,45 @@ fn main() -> std::process::ExitCode {
         Command::Bench(BenchCommand::Drills(args)) => bench::drills::drills(&args),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<commands::DataErrorsFound>() {
+            Some(found) => {
+                eprintln!("{found}");
+                ExitCode::from(EXIT_DATA_ERRORS)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::parser::ValueSource;
+
+    #[test]
+    fn the_log_filter_comes_from_the_flag_then_fedhcc_log_then_rust_log() {
+        let cmd = Some(ValueSource::CommandLine);
+        let env = Some(ValueSource::EnvVariable);
+        assert_eq!(log_filter_text(Some("debug"), cmd, Some("trace"), "info"), ("debug".into(), LogSource::Flag));
+        assert_eq!(log_filter_text(Some("warn"), env, Some("trace"), "info"), ("warn".into(), LogSource::FedhccLog));
+        assert_eq!(log_filter_text(None, None, Some("trace"), "info"), ("trace".into(), LogSource::RustLog));
+        assert_eq!(log_filter_text(Some(" "), env, Some(""), "warn"), ("warn".into(), LogSource::Default));
+    }
+
+    #[test]
+    fn a_bad_log_filter_is_refused_naming_its_source_and_value() {
+        for good in ["info", "WARN", "off", "warn,fedhcc_server=debug", "fedhcc_client=trace"] {
+            assert!(parse_log_filter(good, LogSource::Flag).is_ok(), "{good}");
+        }
+        for (bad, from) in
+            [("verbose", LogSource::Flag), ("warning", LogSource::RustLog), ("x=loud", LogSource::FedhccLog)]
+        {
+            let e = parse_log_filter(bad, from).unwrap_err();
+            assert!(e.contains(from.name()) && e.contains(bad), "{e}");
         }
     }
 }

@@ -108,6 +108,7 @@ impl StudyModel {
             (None, None) => bail!("study [cohort]: name a `preset` or give `[cohort.spec]`"),
         };
         spec.validate().context("study [cohort.spec]")?;
+        refuse_pathology_in_preop(&model, &cohort, &spec)?;
         if !(0.0..0.9).contains(&(cohort.val_frac + cohort.test_frac))
             || cohort.val_frac < 0.0
             || cohort.test_frac < 0.0
@@ -233,6 +234,32 @@ impl StudyModel {
     }
 }
 
+/// A preoperative model must not see the pathology columns: they are known only after resection, so a
+/// model trained on them learns from the future and cannot be used before surgery.
+///
+/// # Errors
+/// `kind = "preop"` with the postoperative preset, or with a `[cohort.spec]` listing a pathology column.
+fn refuse_pathology_in_preop(model: &ModelSection, cohort: &CohortSection, spec: &CohortSpec) -> Result<()> {
+    if !matches!(model, ModelSection::Preop(_)) {
+        return Ok(());
+    }
+    let columns = spec.pathology_columns();
+    if columns.is_empty() {
+        return Ok(());
+    }
+    let source = match &cohort.preset {
+        Some(p) => format!("[cohort] preset = \"{p}\" adds the pathology columns"),
+        None => "[cohort.spec] lists the pathology column(s)".to_owned(),
+    };
+    bail!(
+        "study [model] kind = \"preop\" but {source} {}: they are known only after resection, so a preoperative \
+         model trained on them learns from the future and cannot be used before surgery. For the preoperative \
+         model use preset = \"hcc_preoperative\" (or remove those columns from [cohort.spec]); a model with \
+         pathology is kind = \"postop\"",
+        columns.join(", ")
+    )
+}
+
 /// A benchmark model of `n` parameters, split into tensors of at most 1 Mi values.
 ///
 /// # Errors
@@ -247,4 +274,92 @@ pub fn synthetic_params(n: usize) -> Result<ParameterSet> {
         .collect();
     let layout = Layout::new(specs)?;
     Ok(ParameterSet::zeros(layout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedhcc_core::config::StudyConfig;
+
+    fn study(model: &str, cohort: &str) -> StudyConfig {
+        let text = format!(
+            "study_id = \"s\"\n[federation]\nrounds = 1\nmin_sites = 1\n[model]\n{model}\n[cohort]\n{cohort}\n\
+             [imaging.mri]\ngrid = [8, 16, 16]\n"
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    /// Every study file and site configuration in configs/ types as the model it is named after, with
+    /// the model's default (`--scale full`) sizes.
+    #[test]
+    fn every_shipped_study_and_site_config_types_as_its_model() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let kind_of = |name: &str| match name {
+            n if n.contains("preop") => "preop",
+            n if n.contains("postop") => "postop",
+            _ => "clinical",
+        };
+        let mut seen = Vec::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let study = if name.starts_with("study") {
+                fedhcc_core::config::load_study(&path).unwrap()
+            } else if name.starts_with("site-") {
+                fedhcc_core::config::load_site(&path).unwrap().1
+            } else {
+                continue;
+            };
+            let model = StudyModel::from_study(&study).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            assert_eq!(model.kind(), kind_of(&name), "{name}");
+            model.initial_params(study.training.seed).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            if let Some(cfg) = model.multimodal_config().unwrap() {
+                let full = MultimodalSection::default();
+                assert_eq!((cfg.mri.crop, cfg.mri.phases), ([32, 64, 64], 5), "{name}");
+                assert_eq!((&cfg.mri.channels, cfg.mri.embed), (&full.mri.channels, full.mri.embed), "{name}");
+                let preset = if model.kind() == "preop" { "hcc_preoperative" } else { "hcc_postoperative" };
+                assert_eq!(model.cohort.preset.as_deref(), Some(preset), "{name}");
+            }
+            seen.push(name);
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "site-center_b-postop.toml",
+                "site-center_b-preop.toml",
+                "site-center_b.toml",
+                "site-tongji-postop.toml",
+                "site-tongji-preop.toml",
+                "site-tongji.toml",
+                "study-postop.toml",
+                "study-preop.toml",
+                "study.toml",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_preoperative_model_with_the_postoperative_preset_is_refused_with_the_reason() {
+        let e = StudyModel::from_study(&study("kind = \"preop\"", "preset = \"hcc_postoperative\""))
+            .expect_err("pathology would leak into the preoperative model");
+        let e = format!("{e:#}");
+        for needle in ["kind = \"preop\"", "hcc_postoperative", "mvi", "after resection", "hcc_preoperative"] {
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        // The same columns through a hand-written spec are refused too.
+        let mut spec = CohortSpec::hcc_preoperative();
+        spec.features.extend(CohortSpec::hcc_postoperative().features.into_iter().filter(|f| f.column == "mvi"));
+        let mut custom = study("kind = \"preop\"", "");
+        custom.cohort.insert("spec".into(), toml::Value::try_from(&spec).unwrap());
+        let e = format!("{:#}", StudyModel::from_study(&custom).unwrap_err());
+        assert!(e.contains("[cohort.spec]") && e.contains("mvi") && !e.contains("es_grade"), "{e}");
+        // The study's own pairings load.
+        for (kind, preset) in
+            [("preop", "hcc_preoperative"), ("postop", "hcc_postoperative"), ("clinical", "hcc_postoperative")]
+        {
+            let m = StudyModel::from_study(&study(&format!("kind = \"{kind}\""), &format!("preset = \"{preset}\"")));
+            assert_eq!(m.unwrap().kind(), kind);
+        }
+    }
 }

@@ -334,3 +334,14 @@ pub fn site_config_text(site: &str, port: u16) -> String {
          [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/site-{site}.pem\"\nkey = \"certs/site-{site}.key.pem\"\n"
     )
 }
+
+/// Runs `fedhcc args…` (log level warn): (exit code, stdout, stderr).
+pub fn fedhcc_code(args: &[&str]) -> (Option<i32>, String, String) {
+    let out =
+        std::process::Command::new(FEDHCC_BIN).args(args).env("FEDHCC_LOG", "warn").output().expect("runs fedhcc");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

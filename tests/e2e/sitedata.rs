@@ -1,8 +1,9 @@
 //! The site-data commands on the real binary: `synth` writes a tiny cohort in the real formats,
-//! `data check` reads it, `preprocess` prepares it, skips one patient's bad files with the reason,
-//! and a rerun redoes only what changed.
+//! `data check` reads it (exit code 0 when clean, 3 when it finds an error such as a truncated MRI
+//! phase), `preprocess` prepares it, skips one patient's bad files with the reason, and a rerun redoes
+//! only what changed.
 
-use crate::harness::{fedhcc, json};
+use crate::harness::{fedhcc, fedhcc_code, json};
 use std::path::{Path, PathBuf};
 
 fn fixture(rel: &str) -> PathBuf {
@@ -13,8 +14,8 @@ fn fixture(rel: &str) -> PathBuf {
 fn site_config(dir: &Path, data: &Path) -> PathBuf {
     std::fs::write(
         dir.join("study.toml"),
-        "study_id = \"s\"\n[federation]\nrounds = 1\nmin_sites = 1\n[cohort]\npreset = \"hcc_preoperative\"\n\
-         [imaging.mri]\ngrid = [8, 16, 16]\n[imaging.wsi]\nmax_patches = 20\n",
+        "study_id = \"s\"\n[federation]\nrounds = 1\nmin_sites = 1\n[model]\nkind = \"preop\"\n\
+         [cohort]\npreset = \"hcc_preoperative\"\n[imaging.mri]\ngrid = [8, 16, 16]\n[imaging.wsi]\nmax_patches = 20\n",
     )
     .unwrap();
     let cfg = dir.join("site.toml");
@@ -55,7 +56,7 @@ fn synth_check_and_preprocess_a_tiny_cohort_skipping_bad_files() {
     let cfg = site_config(tmp.path(), &data);
     let cfg = cfg.to_str().unwrap();
 
-    // A clean cohort: every MRI usable, every slide readable.
+    // A clean cohort: every MRI usable, every slide readable; no error, exit code 0.
     let check = json(&["data", "check", "--site-config", cfg, "--json"]);
     let n = check["patients_loaded"].as_u64().unwrap() as usize;
     assert_eq!(n, ids.len());
@@ -64,6 +65,11 @@ fn synth_check_and_preprocess_a_tiny_cohort_skipping_bad_files() {
     assert_eq!(img["mri_usable"].as_u64(), Some(n as u64), "{img}");
     assert_eq!(img["slides_readable"], img["slides"]);
     assert_eq!(img["problems"].as_array().map(Vec::len), Some(0), "{img}");
+    assert_eq!((check["model"].as_str(), check["errors"].as_u64()), (Some("preop"), Some(0)), "{}", check["findings"]);
+    let clean_warnings = check["warnings"].as_u64().unwrap();
+    let (code, text, stderr) = fedhcc_code(&["data", "check", "--site-config", cfg]);
+    assert_eq!(code, Some(0), "{text}{stderr}");
+    assert!(text.contains("Findings: 0 error(s)") && text.contains("Result: no error"), "{text}");
 
     // Break three patients: a truncated phase, a mask on another grid, an unreadable slide.
     let (bad_phase, bad_mask, bad_slide) = (&ids[0], &ids[1], &ids[2]);
@@ -73,7 +79,45 @@ fn synth_check_and_preprocess_a_tiny_cohort_skipping_bad_files() {
     std::fs::copy(fixture("mri/standard.nii.gz"), data.join("mri").join(bad_mask).join("mask.nii.gz")).unwrap();
     std::fs::copy(fixture("wsi/unreadable.svs"), data.join("wsi").join(bad_slide).join("second.svs")).unwrap();
 
-    let check = json(&["data", "check", "--site-config", cfg, "--json"]);
+    // The errors stop the preop model from training on two patients: exit code 3, named in the JSON …
+    let (code, stdout, stderr) = fedhcc_code(&["data", "check", "--site-config", cfg, "--json"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("data check: 2 error(s)"), "{stderr}");
+    let check: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let findings = check["findings"].as_array().unwrap();
+    let finding = |code: &str| {
+        findings.iter().find(|f| f["code"] == code).unwrap_or_else(|| panic!("no {code} finding: {findings:?}"))
+    };
+    let truncated = finding("phase_unreadable");
+    assert_eq!((truncated["severity"].as_str(), truncated["count"].as_u64()), (Some("error"), Some(1)));
+    assert_eq!(truncated["patients"], serde_json::json!([bad_phase]));
+    assert_eq!(finding("mask_grid")["severity"], "error");
+    // … an unreadable slide is a warning (the patient trains on its other slides, and preop uses none) …
+    assert_eq!(finding("slide_unreadable")["severity"], "warning");
+    assert_eq!(
+        (check["errors"].as_u64(), check["warnings"].as_u64()),
+        (Some(2), Some(clean_warnings + 1)),
+        "{findings:?}"
+    );
+    // … and in the text, which never prints a value.
+    let (code, text, _) = fedhcc_code(&["data", "check", "--site-config", cfg]);
+    assert_eq!(code, Some(3), "{text}");
+    let line = text.lines().find(|l| l.contains("[mri] phase_unreadable")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.trim_start().starts_with("error") && line.contains(bad_phase.as_str()), "{line}");
+    assert!(text.contains("error    phase_unreadable:") && text.contains("Result: 2 error(s)"), "{text}");
+    // Under a clinical-only study the same images stop nothing: warnings, exit code 0.
+    let study = std::fs::read_to_string(tmp.path().join("study.toml")).unwrap();
+    std::fs::write(tmp.path().join("study.toml"), study.replace("kind = \"preop\"", "kind = \"clinical\"")).unwrap();
+    let (code, stdout, stderr) = fedhcc_code(&["data", "check", "--site-config", cfg, "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let clinical: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (clinical["errors"].as_u64(), clinical["warnings"].as_u64()),
+        (Some(0), Some(clean_warnings + 3)),
+        "{stdout}"
+    );
+    std::fs::write(tmp.path().join("study.toml"), study).unwrap();
+
     let problems = check["imaging"]["problems"].as_array().unwrap().clone();
     let find = |id: &str, kind: &str| {
         problems

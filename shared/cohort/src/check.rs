@@ -1,8 +1,10 @@
 //! The data check a site operator runs before anything trains: counts, exclusions, label flow, events,
-//! missingness, out-of-range values and MRI timing.
+//! missingness, out-of-range values and MRI timing, and the [`Finding`]s they lead to, each an
+//! [`Severity::Error`] (the model cannot train on a patient or on the site until it is fixed) or a
+//! [`Severity::Warning`] (it trains, but the data deserve a look).
 //!
-//! Invariant: a [`DataCheck`] holds counts, row numbers, column names and fixed reference ranges only,
-//! never a patient's value or id, so it can be shown, logged or (with the site's consent) shared.
+//! Invariant: a [`DataCheck`] holds counts, row numbers, column names and fixed reference ranges, and the
+//! (pseudonymised) patient ids that a finding needs to be acted on; never a patient's value.
 
 use std::collections::BTreeMap;
 
@@ -36,6 +38,61 @@ pub const PLAUSIBLE_RANGES: [(&str, f64, f64); 17] = [
 /// MRI more than this many days before surgery is flagged.
 pub const MRI_MAX_DAYS_BEFORE_SURGERY: i64 = 31;
 
+/// A feature column missing for more than this share of the loaded patients (percent) is a warning.
+pub const MOSTLY_MISSING_PERCENT: f64 = 50.0;
+
+/// Fewer labelled patients than this and the site cannot train (a training split needs two).
+pub const MIN_LABELLED: usize = 2;
+
+/// How much a finding matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// The model cannot train on the patients named (or on the site at all) until it is fixed;
+    /// `fedhcc data check` exits with code 3.
+    Error,
+    /// The model trains, but the data deserve a look (a likely unit error, a column left empty).
+    Warning,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
+impl std::fmt::Display for Severity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// One thing the data check found, for people (`message`) and for scripts (`severity`, `code`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    /// A fixed short name (`phase_unreadable`, `not_a_number`, `recurrence_extent_missing`, …).
+    pub code: String,
+    /// What is wrong and what it does to training; names columns, files and counts, never a value.
+    pub message: String,
+    /// Patients (or rows) concerned.
+    pub count: usize,
+    /// Their ids, where the check knows them.
+    pub patients: Vec<String>,
+    /// Their `clinical.csv` rows (header = row 1), for rows that were not loaded.
+    pub rows: Vec<usize>,
+}
+
+impl Finding {
+    /// A finding about `count` patients or rows, without ids or rows yet.
+    pub fn new(severity: Severity, code: &str, count: usize, message: String) -> Self {
+        Finding { severity, code: code.to_owned(), message, count, patients: Vec::new(), rows: Vec::new() }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DataCheck {
     /// Data rows in the file (loaded + excluded).
@@ -50,6 +107,23 @@ pub struct DataCheck {
     pub missingness: Vec<Missingness>,
     pub out_of_range: Vec<OutOfRange>,
     pub mri_interval: Option<MriInterval>,
+    /// Recurrences whose extent columns are empty (outcomes derived from raw follow-up only).
+    pub recurrence_extent_missing: RecurrenceExtentMissing,
+}
+
+/// Patients with a `recurrence_date` whose `rec_macrovascular` or `rec_extrahepatic` is empty. An empty
+/// field is read as "absent", so these recurrences can only look within Milan on those two criteria: the
+/// label leans towards 0 where the fact was simply not recorded.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RecurrenceExtentMissing {
+    /// Their ids.
+    pub patients: Vec<String>,
+    /// With `rec_macrovascular` empty.
+    pub rec_macrovascular: usize,
+    /// With `rec_extrahepatic` empty.
+    pub rec_extrahepatic: usize,
+    /// Of them, labelled `early_within_milan` (label 0): the ones whose label the missing field can change.
+    pub early_within_milan: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -261,6 +335,15 @@ impl DataCheck {
             after_surgery: intervals.iter().filter(|&&d| d < 0).count(),
         });
 
+        let mut recurrence_extent_missing = RecurrenceExtentMissing::default();
+        for p in patients.iter().filter(|p| !p.recurrence_extent_missing.is_empty()) {
+            let r = &mut recurrence_extent_missing;
+            r.patients.push(p.id.clone());
+            r.rec_macrovascular += usize::from(p.recurrence_extent_missing.contains(&"rec_macrovascular"));
+            r.rec_extrahepatic += usize::from(p.recurrence_extent_missing.contains(&"rec_extrahepatic"));
+            r.early_within_milan += usize::from(p.label_reason == Some(LabelReason::EarlyWithinMilan));
+        }
+
         DataCheck {
             patients_read: report.rows_read(),
             patients_loaded: n,
@@ -271,7 +354,129 @@ impl DataCheck {
             missingness,
             out_of_range,
             mri_interval,
+            recurrence_extent_missing,
         }
+    }
+
+    /// The findings of the clinical table: excluded rows (one error per kind of problem), too few labelled
+    /// patients (error), mostly missing columns, out-of-range values, MRI timing and recurrences without
+    /// their extent (warnings).
+    pub fn findings(&self) -> Vec<Finding> {
+        let mut out = Vec::new();
+        for kind in self.excluded.by_kind.keys() {
+            let issues: Vec<&IssueRef> = self.excluded.issues.iter().filter(|i| &i.kind == kind).collect();
+            let mut rows: Vec<usize> = issues.iter().map(|i| i.row).collect();
+            rows.dedup();
+            let mut columns: Vec<&str> = issues.iter().map(|i| i.column.as_str()).collect();
+            columns.sort_unstable();
+            columns.dedup();
+            let columns = columns.iter().map(|c| if *c == "*" { "the whole row" } else { c }).collect::<Vec<_>>();
+            let mut f = Finding::new(
+                Severity::Error,
+                kind,
+                rows.len(),
+                format!(
+                    "{} row(s) of clinical.csv not loaded ({}; column {}): these patients are left out of \
+                     training and evaluation; fix the rows and run the check again",
+                    rows.len(),
+                    kind.replace('_', " "),
+                    columns.join(", ")
+                ),
+            );
+            f.rows = rows;
+            out.push(f);
+        }
+        let f = &self.label_flow;
+        let labelled = f.positive + f.negative;
+        if self.patients_loaded == 0 {
+            out.push(Finding::new(
+                Severity::Error,
+                "no_patients",
+                0,
+                "no patient of clinical.csv could be loaded: this site cannot train".to_owned(),
+            ));
+        } else if labelled < MIN_LABELLED {
+            out.push(Finding::new(
+                Severity::Error,
+                "too_few_labelled",
+                labelled,
+                format!(
+                    "{labelled} patient(s) have a label (positive or negative); at least {MIN_LABELLED} are needed \
+                     to train: this site cannot train (see the label flow above for why the others have none)"
+                ),
+            ));
+        }
+        for m in self.missingness.iter().filter(|m| m.percent > MOSTLY_MISSING_PERCENT) {
+            out.push(Finding::new(
+                Severity::Warning,
+                "mostly_missing",
+                m.missing,
+                format!(
+                    "column {} is empty for {} of {} patients ({:.0}%, more than {MOSTLY_MISSING_PERCENT}%): the \
+                     model sees it as missing for them; check the export from your records system",
+                    m.column, m.missing, self.patients_loaded, m.percent
+                ),
+            ));
+        }
+        for o in self.out_of_range.iter().filter(|o| o.count > 0) {
+            out.push(Finding::new(
+                Severity::Warning,
+                "out_of_range",
+                o.count,
+                format!(
+                    "column {}: {} value(s) outside the plausible range {}..{} (kept as they are; check the units \
+                     against shared/SCHEMA.md)",
+                    o.column, o.count, o.low, o.high
+                ),
+            ));
+        }
+        if let Some(m) = &self.mri_interval {
+            if m.more_than_31_days_before_surgery > 0 {
+                out.push(Finding::new(
+                    Severity::Warning,
+                    "mri_long_before_surgery",
+                    m.more_than_31_days_before_surgery,
+                    format!(
+                        "{} patient(s) had their MRI more than {MRI_MAX_DAYS_BEFORE_SURGERY} days before surgery \
+                         (the study expects at most {MRI_MAX_DAYS_BEFORE_SURGERY}); check mri_date",
+                        m.more_than_31_days_before_surgery
+                    ),
+                ));
+            }
+            if m.after_surgery > 0 {
+                out.push(Finding::new(
+                    Severity::Warning,
+                    "mri_after_surgery",
+                    m.after_surgery,
+                    format!(
+                        "{} patient(s) have an mri_date after surgery_date: a preoperative MRI comes first; check \
+                         the dates",
+                        m.after_surgery
+                    ),
+                ));
+            }
+        }
+        let r = &self.recurrence_extent_missing;
+        if !r.patients.is_empty() {
+            let mut f = Finding::new(
+                Severity::Warning,
+                "recurrence_extent_missing",
+                r.patients.len(),
+                format!(
+                    "{} patient(s) with a recurrence_date leave rec_macrovascular ({}) or rec_extrahepatic ({}) \
+                     empty; an empty field is read as \"absent\", which pulls the label towards \"within Milan\" \
+                     (not aggressive); {} of them are labelled early_within_milan and would become aggressive if \
+                     the field were 1; fill in 0 or 1 from the follow-up records",
+                    r.patients.len(),
+                    r.rec_macrovascular,
+                    r.rec_extrahepatic,
+                    r.early_within_milan
+                ),
+            );
+            f.patients = r.patients.clone();
+            out.push(f);
+        }
+        out
     }
 
     /// A plain-text report for the site's IT operator. It carries no patient value or id.
@@ -334,6 +539,17 @@ impl DataCheck {
             line(format!(
                 "MRI timing: {} checked, {} more than {} days before surgery, {} after surgery",
                 m.checked, m.more_than_31_days_before_surgery, MRI_MAX_DAYS_BEFORE_SURGERY, m.after_surgery
+            ));
+        }
+        let r = &self.recurrence_extent_missing;
+        if !r.patients.is_empty() {
+            line(format!(
+                "Recurrence extent: {} recurrence(s) with rec_macrovascular ({}) or rec_extrahepatic ({}) empty, read \
+                 as absent ({} labelled early_within_milan)",
+                r.patients.len(),
+                r.rec_macrovascular,
+                r.rec_extrahepatic,
+                r.early_within_milan
             ));
         }
         out

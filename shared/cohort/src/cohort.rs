@@ -68,6 +68,10 @@ pub struct Patient {
     pub os: Option<(f64, bool)>,
     /// Days from MRI to surgery (positive: MRI before surgery), when both dates are present.
     pub mri_to_surgery_days: Option<i64>,
+    /// For outcomes derived from raw follow-up: which of `rec_macrovascular` and `rec_extrahepatic` a row
+    /// with a `recurrence_date` leaves empty (read as absent, so such a recurrence can only look within
+    /// Milan on those criteria). Empty otherwise.
+    pub recurrence_extent_missing: Vec<&'static str>,
 }
 
 /// A feature value as read: numeric and binary features are numbers, categorical ones text.
@@ -438,6 +442,7 @@ impl<'a> Plan<'a> {
         let mut label_reason = None;
         let mut os = None;
         let mut derived: Option<crate::outcomes::Outcome> = None;
+        let mut recurrence_extent_missing = Vec::new();
         let surgery = if self.index.contains_key("surgery_date") { p.date("surgery_date") } else { None };
         match (&self.spec.label, self.hcc) {
             (LabelSpec::Column { column }, _) => label = p.flag(column).map(u8::from),
@@ -461,6 +466,16 @@ impl<'a> Plan<'a> {
                     death_date: p.date("death_date"),
                     last_followup_date: p.date("last_followup_date"),
                 };
+                if follow_up.recurrence_date.is_some() {
+                    for (column, value) in [
+                        ("rec_macrovascular", follow_up.rec_macrovascular),
+                        ("rec_extrahepatic", follow_up.rec_extrahepatic),
+                    ] {
+                        if value.is_none() && p.text(column).is_none() {
+                            recurrence_extent_missing.push(column);
+                        }
+                    }
+                }
                 if surgery.is_none() && p.text("surgery_date").is_none() {
                     p.problem(
                         "surgery_date",
@@ -520,7 +535,18 @@ impl<'a> Plan<'a> {
         let mri = if self.index.contains_key("mri_date") { p.date("mri_date") } else { None };
         let mri_to_surgery_days = mri.zip(surgery).map(|(m, s)| (s - m).num_days());
 
-        Some(Patient { id, row, center_id, features, label, label_reason, survival, os, mri_to_surgery_days })
+        Some(Patient {
+            id,
+            row,
+            center_id,
+            features,
+            label,
+            label_reason,
+            survival,
+            os,
+            mri_to_surgery_days,
+            recurrence_extent_missing,
+        })
     }
 }
 

@@ -13,10 +13,12 @@
 //! - [`split`]: deterministic stratified train/validation/test [`Splits`].
 //! - [`synth`]: the clinical part of the synthetic multi-center HCC cohort.
 //! - [`synth_images`]: its MRI studies and H&E slides, per patient, in the real formats.
-//! - [`check`]: the [`DataCheck`] report a site operator reads before anything trains.
+//! - [`check`]: the [`DataCheck`] report a site operator reads before anything trains, and its [`Finding`]s
+//!   (errors that stop training on a patient or the site, warnings that do not).
 //!
 //! Invariant: no function in this crate logs, and no error or report carries a patient-level value other
-//! than the site's own local row messages ([`RowIssue::problem`]); [`DataCheck`] carries none at all.
+//! than the site's own local row messages ([`RowIssue::problem`]); [`DataCheck`] carries none at all (only
+//! counts, row numbers, column names and the patient ids its findings name).
 
 pub mod check;
 pub mod cohort;
@@ -28,7 +30,7 @@ pub mod split;
 pub mod synth;
 pub mod synth_images;
 
-pub use check::DataCheck;
+pub use check::{DataCheck, Finding, Severity};
 pub use cohort::{Cohort, FeatureValue, IssueKind, LoadReport, Patient, RowIssue};
 pub use design::{
     DesignError, DesignMatrix, FeatureStats, design_columns, design_width, numeric_positions, standardise_row,

@@ -16,7 +16,8 @@
 //!   OS: death from any cause. Censored ones end at the end of surveillance.
 //! - Milan: one nodule ≤ 5 cm, or 2–3 nodules each ≤ 3 cm (`rec_max_diam_cm` is the largest), with no
 //!   macrovascular invasion and no extrahepatic spread; an empty `rec_n_nodules` with a recurrence date means
-//!   diffuse, beyond Milan. An empty `rec_macrovascular`/`rec_extrahepatic` counts as absent (not reported).
+//!   diffuse, beyond Milan. An empty `rec_macrovascular`/`rec_extrahepatic` counts as absent (the data check
+//!   warns about each such recurrence: [`crate::check::RecurrenceExtentMissing`]).
 
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};

@@ -9,6 +9,11 @@ use crate::error::CohortError;
 /// The id column used when [`CohortSpec::id_column`] is not given.
 pub const DEFAULT_ID_COLUMN: &str = "patient_id";
 
+/// The pathology columns of SCHEMA.md: known only after resection, so only a postoperative model may
+/// take them as inputs (a preoperative model that sees them is trained on the future).
+pub const PATHOLOGY_COLUMNS: [&str; 6] =
+    ["mvi", "es_grade", "satellite_nodules", "capsule", "margin_mm", "path_max_diam_cm"];
+
 /// A generic description of a cohort.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -143,6 +148,11 @@ impl CohortSpec {
         self.features.iter().map(|f| f.column.clone()).collect()
     }
 
+    /// The feature columns that are [`PATHOLOGY_COLUMNS`], in layout order.
+    pub fn pathology_columns(&self) -> Vec<&str> {
+        self.features.iter().map(|f| f.column.as_str()).filter(|c| PATHOLOGY_COLUMNS.contains(c)).collect()
+    }
+
     /// Checks what serde cannot: at least one feature, no duplicate feature column, non-empty and unique
     /// categorical levels, a positive finite horizon, no empty column name.
     ///
@@ -215,6 +225,8 @@ mod tests {
         CohortSpec::hcc_preoperative().validate().expect("preoperative spec");
         CohortSpec::hcc_postoperative().validate().expect("postoperative spec");
         assert_eq!(CohortSpec::hcc_preoperative().features.len(), 19);
+        assert!(CohortSpec::hcc_preoperative().pathology_columns().is_empty());
+        assert_eq!(CohortSpec::hcc_postoperative().pathology_columns(), PATHOLOGY_COLUMNS);
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use chrono::NaiveDate;
 use fedhcc_cohort::synth::{self, SynthCohort};
 use fedhcc_cohort::{
-    Cohort, CohortError, CohortSpec, DataCheck, DesignMatrix, FeatureKind, FeatureSpec, FeatureStats, IssueKind,
-    LabelReason, LabelSpec, LoadReport, OutcomeConfig, Splits, SurvivalSpec, design_width,
+    Cohort, CohortError, CohortSpec, DataCheck, DesignMatrix, FeatureKind, FeatureSpec, FeatureStats, Finding,
+    IssueKind, LabelReason, LabelSpec, LoadReport, OutcomeConfig, Severity, Splits, SurvivalSpec, design_width,
 };
 
 const LUNG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/clinical/lung_multi_institution.csv");
@@ -196,6 +196,56 @@ mod hand_made {
         assert!(!text.contains("abc") && !text.contains("P07") && !text.contains("12.5"), "{text}");
         let json = serde_json::to_string(&check).expect("serialises");
         assert!(!json.contains("abc") && !json.contains("P07"), "{json}");
+
+        // Every excluded row is an error, one finding per kind of problem, naming rows, never values.
+        let findings = check.findings();
+        let errors: Vec<&Finding> = findings.iter().filter(|f| f.severity == Severity::Error).collect();
+        assert_eq!(errors.len(), 8, "{findings:?}");
+        assert_eq!(errors.iter().map(|f| f.count).sum::<usize>(), 9);
+        let nan = findings.iter().find(|f| f.code == "not_a_number").expect("not_a_number");
+        assert_eq!((nan.rows.as_slice(), nan.patients.len()), (&[8][..], 0));
+        assert!(nan.message.contains("afp"), "{}", nan.message);
+        let before = findings.iter().find(|f| f.code == "before_surgery").expect("before_surgery");
+        assert_eq!(before.rows, [10, 16]);
+        let json = serde_json::to_string(&findings).expect("serialises");
+        assert!(!json.contains("abc") && !json.contains("P07") && !json.contains("2017"), "{json}");
+    }
+
+    /// A recurrence that leaves `rec_macrovascular` or `rec_extrahepatic` empty is read as "absent" and
+    /// loads, but the check warns, with the patients' ids and counts (never a value).
+    #[test]
+    fn a_recurrence_without_its_extent_is_a_warning_naming_the_patients() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = [
+            HEADER,
+            "P01,3,0,0,2018-01-01,2018-06-01,1,2.0,,0,,2023-05-01,x", // early within Milan, macrovascular empty
+            "P02,3,0,0,2018-01-01,2018-06-01,1,2.0,0,,,2023-05-01,x", // early within Milan, extrahepatic empty
+            "P03,3,0,0,2018-01-01,2021-01-01,2,1.5,,,,2023-05-01,",   // late recurrence, both empty
+            "P04,8,,A,2018-01-01,,,,,,,2023-05-01,",                  // no recurrence: nothing to say
+            "P05,3,0,0,2018-01-01,2018-06-01,1,2.0,0,0,,2023-05-01,x", // complete
+        ]
+        .join("\n")
+            + "\n";
+        let path = write(dir.path(), "clinical.csv", &text);
+        let spec = small_spec();
+        let report = load(&path, &spec);
+        assert!(report.issues.is_empty(), "{:?}", report.issues);
+        let check = DataCheck::run(&report, &spec);
+        let r = &check.recurrence_extent_missing;
+        assert_eq!(r.patients, ["P01", "P02", "P03"]);
+        assert_eq!((r.rec_macrovascular, r.rec_extrahepatic, r.early_within_milan), (2, 2, 2));
+        let findings = check.findings();
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        let f = &findings[0];
+        assert_eq!((f.severity, f.code.as_str(), f.count), (Severity::Warning, "recurrence_extent_missing", 3));
+        assert_eq!(f.patients, ["P01", "P02", "P03"]);
+        assert!(f.message.contains("rec_macrovascular") && f.message.contains("within Milan"), "{}", f.message);
+        let text = check.to_text();
+        assert!(text.contains("Recurrence extent: 3 recurrence(s)"), "{text}");
+        let json = serde_json::to_string(&(&check, &findings)).expect("serialises");
+        for value in ["2018-06-01", "2021-01-01", "1.5", "2.0"] {
+            assert!(!json.contains(value) && !text.contains(value), "{value}: {json}");
+        }
     }
 }
 
