@@ -372,6 +372,7 @@ fn validation(
         checkpoint: checkpoint.to_path_buf(),
         study: cfg.join("study.toml"),
         out: safetensors.clone(),
+        layout: crate::model_file::FileLayout::Torch,
     })?;
     crate::validate::validate(&crate::validate::ValidateArgs {
         model: safetensors,

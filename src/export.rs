@@ -2,11 +2,14 @@
 //! `fedhcc train` writes) → a [safetensors](https://huggingface.co/docs/safetensors) file, so the
 //! final model can be used outside fedhcc (PyTorch, numpy, candle, burn).
 //!
-//! The file is written by hand: an 8-byte little-endian header length, a JSON header (one entry
-//! per tensor: `dtype` `F32`, `shape`, `data_offsets` into the data section, plus `__metadata__`
-//! with the study id, the model kind and the layout fingerprint), padded with spaces to a multiple
-//! of 8 bytes, then the raw little-endian f32 values, tensor after tensor in the model's order.
+//! The file ([`crate::model_file`]) is in the PyTorch layout by default (`--layout torch`: what
+//! `scripts/fedhcc_model.py` loads with `load_state_dict(strict=True)`), or in burn's
+//! (`--layout burn`). Its metadata holds, besides the layout and the fingerprint, the study id, run
+//! id and model kind, the model's architecture (`model_config`, JSON) and, for the models with a
+//! clinical input, the design matrix's columns (`clinical_columns`) and where the standardised
+//! numeric values and their missing indicators sit (`clinical_numeric`).
 
+use crate::model_file::{FileLayout, safetensors_bytes};
 use crate::study::StudyModel;
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -27,6 +30,11 @@ pub struct ExportArgs {
     /// Where to write the safetensors file.
     #[arg(long)]
     pub out: PathBuf,
+    /// Tensor names and shapes: `torch` (PyTorch's: `[out, in]` Linear weights, GroupNorm
+    /// `weight`/`bias`; scripts/fedhcc_model.py loads it) or `burn` (fedhcc's own: `[in, out]`,
+    /// `gamma`/`beta`). `fedhcc validate` reads both.
+    #[arg(long, value_enum, default_value_t = FileLayout::Torch)]
+    pub layout: FileLayout,
 }
 
 pub fn export(args: &ExportArgs) -> Result<()> {
@@ -45,27 +53,51 @@ pub fn export(args: &ExportArgs) -> Result<()> {
             expected.short()
         );
     }
-    let metadata = BTreeMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("producer".to_string(), format!("fedhcc {}", env!("CARGO_PKG_VERSION"))),
+    let mut metadata = BTreeMap::from([
         ("study_id".to_string(), study.study_id.clone()),
         ("run_id".to_string(), study.run_id.clone()),
         ("model_kind".to_string(), model.kind().to_string()),
-        ("fingerprint".to_string(), params.fingerprint().to_hex()),
     ]);
-    let bytes = safetensors_bytes(&params, &metadata)?;
+    metadata.extend(model_description(&model)?);
+    let bytes = safetensors_bytes(&params, args.layout, &metadata)?;
     fedhcc_core::pki::write_atomic(&args.out, &bytes, false)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!(
-        "Exported {} tensors ({} values, {} model, fingerprint {}) to {} ({:.2} MB).",
+        "Exported {} tensors ({} values, {} model, fingerprint {}, {} layout) to {} ({:.2} MB).",
         params.layout().specs().len(),
         params.numel(),
         model.kind(),
         params.fingerprint().short(),
+        args.layout,
         args.out.display(),
         bytes.len() as f64 / 1e6
     );
     Ok(())
+}
+
+/// What someone outside fedhcc needs to rebuild the model: its architecture (`model_config`: the
+/// clinical or multimodal configuration as JSON) and its clinical input (`clinical_columns`: the
+/// design matrix's column names; `clinical_numeric`: `[value, missing]` column pairs, in the order
+/// of `standardise.clinical.mean` / `.std`: a value is standardised when its missing indicator is 0).
+///
+/// # Errors
+/// A study whose multimodal section is inconsistent (already refused when the study was typed).
+fn model_description(model: &StudyModel) -> Result<BTreeMap<String, String>> {
+    let config = match (model.clinical_config(), model.multimodal_config()?) {
+        (Some(c), _) => Some(serde_json::to_string(&c)?),
+        (None, Some(m)) => Some(serde_json::to_string(&m)?),
+        (None, None) => None,
+    };
+    let mut out = BTreeMap::new();
+    if let Some(config) = config {
+        out.insert("model_config".to_string(), config);
+        out.insert("clinical_columns".to_string(), serde_json::to_string(&fedhcc_cohort::design_columns(&model.spec))?);
+        out.insert(
+            "clinical_numeric".to_string(),
+            serde_json::to_string(&fedhcc_cohort::numeric_positions(&model.spec))?,
+        );
+    }
+    Ok(out)
 }
 
 /// Reads a `.fhcp` checkpoint.
@@ -76,110 +108,4 @@ pub fn read_checkpoint(path: &Path) -> Result<ParameterSet> {
     let file = std::fs::File::open(path).with_context(|| format!("opening the checkpoint {}", path.display()))?;
     ParameterSet::read_from(&mut std::io::BufReader::new(file))
         .with_context(|| format!("{} is not a fedhcc checkpoint (or is damaged)", path.display()))
-}
-
-/// The safetensors encoding of `params` with `metadata`.
-///
-/// # Errors
-/// A tensor name that safetensors reserves (`__metadata__`).
-pub fn safetensors_bytes(params: &ParameterSet, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
-    let mut offset = 0usize;
-    for (spec, values) in params.tensors() {
-        if spec.name == "__metadata__" {
-            bail!("a tensor is named __metadata__, which safetensors reserves");
-        }
-        let end = offset + values.len() * 4;
-        header.insert(
-            spec.name.clone(),
-            serde_json::json!({ "dtype": "F32", "shape": spec.shape, "data_offsets": [offset, end] }),
-        );
-        offset = end;
-    }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
-    json.resize(json.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + json.len() + offset);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    for (_, values) in params.tensors() {
-        for v in values {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-    Ok(out)
-}
-
-/// One tensor read back from a safetensors file.
-#[cfg(test)]
-pub struct Tensor {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub values: Vec<f32>,
-}
-
-/// Parses a safetensors file of F32 tensors (the inverse of [`safetensors_bytes`], written
-/// independently from the format's definition), tensors in data-offset order.
-#[cfg(test)]
-pub fn parse_safetensors(bytes: &[u8]) -> Result<(BTreeMap<String, String>, Vec<Tensor>)> {
-    let n = u64::from_le_bytes(bytes.get(..8).context("shorter than 8 bytes")?.try_into()?) as usize;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(bytes.get(8..8 + n).context("header runs past the end")?)?;
-    let data = &bytes[8 + n..];
-    let mut metadata = BTreeMap::new();
-    let mut tensors = Vec::new();
-    for (name, v) in header {
-        if name == "__metadata__" {
-            metadata = serde_json::from_value(v)?;
-            continue;
-        }
-        if v["dtype"] != "F32" {
-            bail!("{name}: dtype {}", v["dtype"]);
-        }
-        let shape: Vec<usize> = serde_json::from_value(v["shape"].clone())?;
-        let [a, b]: [usize; 2] = serde_json::from_value(v["data_offsets"].clone())?;
-        let raw = data.get(a..b).context("offsets out of range")?;
-        if raw.len() != shape.iter().product::<usize>() * 4 {
-            bail!("{name}: {} bytes for shape {shape:?}", raw.len());
-        }
-        let values = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        tensors.push((a, Tensor { name, shape, values }));
-    }
-    tensors.sort_by_key(|(a, _)| *a);
-    Ok((metadata, tensors.into_iter().map(|(_, t)| t).collect()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_trip_is_bit_exact_with_names_shapes_and_metadata() {
-        let params = ParameterSet::from_tensors(vec![
-            (
-                "mri.stages.0.conv.weight".into(),
-                vec![2, 1, 3],
-                vec![1.5, -0.0, f32::MIN_POSITIVE, 3.0e-39, -7.25, 1e30],
-            ),
-            ("head.bias".into(), vec![1], vec![0.1]),
-            ("a.weight".into(), vec![3, 1], vec![f32::MAX, -1.0, 2.0]),
-        ])
-        .unwrap();
-        let meta = BTreeMap::from([("study_id".to_string(), "s1".to_string())]);
-        let bytes = safetensors_bytes(&params, &meta).unwrap();
-        let hlen = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        assert_eq!(hlen % 8, 0);
-        assert_eq!(bytes.len(), 8 + hlen + params.numel() * 4);
-        let (m, tensors) = parse_safetensors(&bytes).unwrap();
-        assert_eq!(m, meta);
-        let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-        let expected: Vec<&str> = params.tensors().map(|(s, _)| s.name.as_str()).collect();
-        assert_eq!(names, expected, "tensors in the model's order");
-        for ((spec, values), t) in params.tensors().zip(&tensors) {
-            assert_eq!(t.shape, spec.shape);
-            let a: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
-            let b: Vec<u32> = t.values.iter().map(|v| v.to_bits()).collect();
-            assert_eq!(a, b, "{}", spec.name);
-        }
-    }
 }
