@@ -7,6 +7,9 @@
 //!
 //! - `predictions.csv` (`score,label,time,event,os_time,os_event`, one row per patient with RFS):
 //!   patient-level, it stays at the site;
+//! - with `--write-inputs` (clinical model), `inputs.csv`: the same patients' design-matrix rows
+//!   before the model's standardisation, row for row, to reproduce the scores outside fedhcc
+//!   (`scripts/fedhcc_model.py`); patient-level too;
 //! - `stats.json` and the plots, exactly what `fedhcc stats` makes of `predictions.csv`
 //!   (`fedhcc_stats::report`), with the cut-off's origin in `cutoff_source` and `notes`;
 //! - `validation.json`: which model, which patients, which cut-off and why.
@@ -63,6 +66,12 @@ pub struct ValidateArgs {
     /// Compute backend (default: the site config's `backend`, else the fastest CPU backend).
     #[arg(long)]
     pub backend: Option<String>,
+    /// Also write inputs.csv: for each row of predictions.csv, the patient's clinical design-matrix
+    /// row as the model receives it before its own standardisation (named columns), to reproduce
+    /// the scores outside fedhcc (scripts/fedhcc_model.py). Patient-level: it stays at this site.
+    /// Clinical model only.
+    #[arg(long)]
+    pub write_inputs: bool,
 }
 
 /// A model read from a safetensors file and checked against the site's study model.
@@ -118,16 +127,23 @@ pub fn read_study_model(path: &Path, study_id: &str, model: &StudyModel, seed: u
     Ok(SafetensorsModel { metadata: f.metadata, layout: f.layout, params })
 }
 
-/// Scores the site's patients with `params` through the executor the study's model uses.
+/// Scores the site's patients with `params` through the executor the study's model uses; with
+/// `inputs`, also the clinical inputs of the first split's patients (before standardisation).
 fn score(
     model: &StudyModel,
     site: &fedhcc_core::config::SiteConfig,
     backend: BackendKind,
     params: &ParameterSet,
     splits: &[&str],
-) -> Result<Vec<SitePredictions>> {
+    inputs: bool,
+) -> Result<(Vec<SitePredictions>, Option<Vec<f32>>)> {
     let mut e = Trainer::load(model, site, backend)?;
-    splits.iter().map(|s| e.predictions(params, s)).collect()
+    let scored = splits.iter().map(|s| e.predictions(params, s)).collect::<Result<Vec<_>>>()?;
+    let rows = match (inputs, splits.first()) {
+        (true, Some(split)) => Some(e.clinical_inputs(split)?),
+        _ => None,
+    };
+    Ok((scored, rows))
 }
 
 /// `predictions.csv`: one row per patient with RFS (what `fedhcc stats` reads), OS beside it.
@@ -141,6 +157,23 @@ fn predictions_csv(p: &SitePredictions) -> String {
         let _ = writeln!(csv, "{},{label},{t},{},{ot},{oe}", p.score[i], u8::from(e));
     }
     csv
+}
+
+/// `inputs.csv`: the design-matrix row (before standardisation) of each patient of
+/// [`predictions_csv`], row for row; `rows` holds one row of `columns.len()` values per patient of `p`.
+fn inputs_csv(p: &SitePredictions, columns: &[String], rows: &[f32]) -> Result<Vec<u8>> {
+    let d = columns.len();
+    if rows.len() != p.len() * d {
+        bail!("{} input values for {} patients of {d} columns", rows.len(), p.len());
+    }
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(columns)?;
+    for (i, row) in rows.chunks_exact(d.max(1)).enumerate() {
+        if p.rfs[i].is_some() {
+            w.write_record(row.iter().map(f32::to_string))?;
+        }
+    }
+    w.into_inner().map_err(|e| anyhow::anyhow!("writing inputs.csv: {e}"))
 }
 
 /// Runs `fedhcc validate`.
@@ -159,6 +192,9 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
     }
     let (site, study) = fedhcc_core::config::load_site(&args.site_config)?;
     let model = StudyModel::from_study(&study).with_context(|| format!("{}: its study", args.site_config.display()))?;
+    if args.write_inputs && model.clinical_config().is_none() {
+        bail!("--write-inputs writes the clinical model's inputs; this site's study trains a {} model", model.kind());
+    }
     let m = read_study_model(&args.model, &study.study_id, &model, study.training.seed)?;
     let backend = backend_for(args.backend.as_ref(), &site)?;
     let groups = fedhcc_core::standardisation::groups(m.params.layout());
@@ -167,7 +203,8 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
     let external = args.split == "all";
     let wants_training = args.cutoff.is_none() && study.evaluation.cutoff.is_none() && !external;
     let splits: Vec<&str> = if wants_training { vec![args.split.as_str(), "train"] } else { vec![args.split.as_str()] };
-    let mut scored = score(&model, &site, backend, &m.params, &splits)?.into_iter();
+    let (scored, inputs) = score(&model, &site, backend, &m.params, &splits, args.write_inputs)?;
+    let mut scored = scored.into_iter();
     let patients = scored.next().context("no predictions")?;
     let (cutoff, cutoff_source) = match (args.cutoff, study.evaluation.cutoff, scored.next()) {
         (Some(c), _, _) => (Some(c), "given"),
@@ -267,6 +304,9 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
         "predictions_csv": "patient-level: it stays at this site",
     });
     let mut files: Vec<(&str, Vec<u8>)> = vec![("predictions.csv", predictions_csv(&patients).into_bytes())];
+    if let Some(rows) = &inputs {
+        files.push(("inputs.csv", inputs_csv(&patients, &fedhcc_cohort::design_columns(&model.spec), rows)?));
+    }
     files.extend(plots(&report).into_iter().map(|(name, svg)| (name, svg.into_bytes())));
     files.push(("validation.json", serde_json::to_vec_pretty(&validation)?));
     let mut json = serde_json::to_vec_pretty(&report).context("cannot encode stats.json")?;
@@ -297,8 +337,10 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
     }
     println!(
         "wrote {} (stats.json, validation.json, roc.svg, km.svg, calibration.svg, decision_curve.svg); \
-         predictions.csv holds patient-level scores: it stays at this site",
-        args.out.display()
+         predictions.csv{} holds patient-level {}: it stays at this site",
+        args.out.display(),
+        if inputs.is_some() { " (and inputs.csv)" } else { "" },
+        if inputs.is_some() { "scores and inputs" } else { "scores" }
     );
     Ok(())
 }
@@ -321,5 +363,11 @@ mod tests {
         assert_eq!(read.label, vec![Some(true), None]);
         assert_eq!((read.time, read.event), (vec![30.0, 400.0], vec![true, false]));
         assert!(csv.contains(",500,1\n"), "{csv}");
+        // inputs.csv: the rows of the same patients, values exact.
+        let cols = vec!["a".to_string(), "b=x".to_string()];
+        let inputs = inputs_csv(&p, &cols, &[0.1, 1.0, 2.5, 0.0, f32::MIN_POSITIVE, 1.0]).unwrap();
+        let text = String::from_utf8(inputs).unwrap();
+        assert_eq!(text, "a,b=x\n0.1,1\n2.5,0\n");
+        assert!(inputs_csv(&p, &cols, &[0.0; 5]).is_err());
     }
 }
