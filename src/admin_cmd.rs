@@ -2,6 +2,7 @@
 //! the admin RPCs, with the admin certificate: start (a run with `[federation] start = "manual"`),
 //! pause, resume, abort, allow / disallow a site, export the current model.
 
+use crate::model_file::FileLayout;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use fedhcc_core::config::load_admin;
@@ -49,6 +50,11 @@ pub enum AdminCommand {
         /// Where to write the model.
         #[arg(long)]
         out: PathBuf,
+        /// The safetensors file's tensor names and shapes: `torch` (PyTorch's) or `burn` (fedhcc's
+        /// own), as `fedhcc export --layout`. `fedhcc export --study` also records the model's
+        /// architecture, which scripts/fedhcc_model.py needs for the multimodal models.
+        #[arg(long, value_enum, default_value_t = FileLayout::Torch)]
+        layout: FileLayout,
     },
 }
 
@@ -70,7 +76,7 @@ pub fn run(args: &AdminArgs) -> Result<()> {
             .with_context(|| format!("reaching the server at {}", admin.server))?;
         let refused = |s: tonic::Status| anyhow::anyhow!("the server refused: {}", s.message());
         let reply = match &args.command {
-            AdminCommand::Export { out } => return export(&mut c, out).await,
+            AdminCommand::Export { out, layout } => return export(&mut c, out, *layout).await,
             AdminCommand::Allow { site } | AdminCommand::Disallow { site } => {
                 let allowed = matches!(args.command, AdminCommand::Allow { .. });
                 c.set_site_access(pb::SiteAccessRequest { site_id: site.clone(), allowed }).await.map_err(refused)?
@@ -94,7 +100,11 @@ pub fn run(args: &AdminArgs) -> Result<()> {
 
 /// Receives the model into a temporary file beside `out` while hashing it, checks its length,
 /// SHA-256 and layout against the header, then renames it into place (or converts it).
-async fn export(c: &mut pb::admin_client::AdminClient<tonic::transport::Channel>, out: &Path) -> Result<()> {
+async fn export(
+    c: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    out: &Path,
+    layout: FileLayout,
+) -> Result<()> {
     let mut stream = c
         .export_model(pb::ExportRequest {})
         .await
@@ -144,7 +154,7 @@ async fn export(c: &mut pb::admin_client::AdminClient<tonic::transport::Channel>
     }
     let safetensors = out.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
     if safetensors {
-        write_safetensors(&params, &header, out)?;
+        write_safetensors(&params, &header, layout, out)?;
     } else {
         std::fs::rename(&tmp.0, out).with_context(|| format!("writing {}", out.display()))?;
     }
@@ -157,7 +167,7 @@ async fn export(c: &mut pb::admin_client::AdminClient<tonic::transport::Channel>
         params.fingerprint().short(),
         header.sha256,
         out.display(),
-        if safetensors { " (safetensors)" } else { "" }
+        if safetensors { format!(" (safetensors, {layout} layout)") } else { String::new() }
     );
     Ok(())
 }
@@ -175,17 +185,16 @@ fn hex_digest(h: sha2::Sha256) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn write_safetensors(params: &ParameterSet, header: &pb::ExportHeader, out: &Path) -> Result<()> {
+/// The same file as `fedhcc export` writes ([`crate::model_file`]), with what the server's header
+/// says of the model (its fingerprint was checked against the tensors above).
+fn write_safetensors(params: &ParameterSet, header: &pb::ExportHeader, layout: FileLayout, out: &Path) -> Result<()> {
     let metadata = std::collections::BTreeMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("producer".to_string(), format!("fedhcc {}", env!("CARGO_PKG_VERSION"))),
         ("study_id".to_string(), header.study_id.clone()),
         ("run_id".to_string(), header.run_id.clone()),
         ("round".to_string(), header.round.to_string()),
-        ("fingerprint".to_string(), header.model_fingerprint.clone()),
         ("checkpoint_sha256".to_string(), header.sha256.clone()),
     ]);
-    let bytes = crate::export::safetensors_bytes(params, &metadata)?;
+    let bytes = crate::model_file::safetensors_bytes(params, layout, &metadata)?;
     fedhcc_core::pki::write_atomic(out, &bytes, false).with_context(|| format!("writing {}", out.display()))
 }
 

@@ -372,6 +372,7 @@ fn validation(
         checkpoint: checkpoint.to_path_buf(),
         study: cfg.join("study.toml"),
         out: safetensors.clone(),
+        layout: crate::model_file::FileLayout::Torch,
     })?;
     crate::validate::validate(&crate::validate::ValidateArgs {
         model: safetensors,
@@ -383,6 +384,7 @@ fn validation(
         bootstrap: 2000,
         seed: 20_240_605,
         backend: None,
+        write_inputs: false,
     })?;
     let validation: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("validation.json"))?)?;
     crate::stats_cmd::stats(&crate::stats_cmd::StatsArgs {

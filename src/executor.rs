@@ -215,6 +215,21 @@ impl ClinicalExecutor {
         crate::site_evaluation::split_predictions(split, |k| self.score(&model, k))
     }
 
+    /// The design-matrix rows, before standardisation, of the patients [`Self::predictions`] scores
+    /// for `split`, in the same order (`inputs` values per patient). Patient-level: for this site
+    /// only (`fedhcc validate --write-inputs`).
+    ///
+    /// # Errors
+    /// An unknown split.
+    pub fn raw_inputs(&self, split: &str) -> Result<Vec<f32>, ExecutorError> {
+        let splits = if split == "all" {
+            (0..crate::site_evaluation::SPLITS.len()).collect()
+        } else {
+            vec![crate::site_evaluation::split_index(split)?]
+        };
+        Ok(splits.into_iter().flat_map(|k| self.scored_raw[k].x.iter().copied()).collect())
+    }
+
     /// Split `k`'s patients scored by `model` (a trainable part, inputs prepared).
     fn score(&self, model: &ParameterSet, k: usize) -> Result<SitePredictions, ExecutorError> {
         let s = &self.scored[k];

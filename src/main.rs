@@ -11,6 +11,7 @@ mod executor;
 mod export;
 mod imaging_check;
 mod mm_executor;
+mod model_file;
 mod outdir;
 mod preprocess;
 mod progress;

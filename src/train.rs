@@ -118,6 +118,18 @@ impl Trainer {
         }
     }
 
+    /// The clinical model's inputs, before standardisation, of the patients [`Self::predictions`]
+    /// scores for `split`, row after row in the same order (patient-level: for this machine only).
+    ///
+    /// # Errors
+    /// Not the clinical model, or an unknown split.
+    pub fn clinical_inputs(&self, split: &str) -> Result<Vec<f32>> {
+        match self {
+            Trainer::Clinical(e) => Ok(e.raw_inputs(split)?),
+            Trainer::Multimodal(_) => bail!("the model's inputs can be written for the clinical model only"),
+        }
+    }
+
     /// `split`'s patients scored by `params` (patient-level: for this machine only).
     ///
     /// # Errors

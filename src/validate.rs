@@ -1,11 +1,15 @@
 //! `fedhcc validate`: external validation of an exported model at a site, offline. Reads the
-//! safetensors file `fedhcc export` writes ([`read_safetensors`]: bounds-checked, F32 tensors laid
-//! end to end, the export's metadata), refuses a model of another study or another layout than the
-//! site's study model, scores the site's patients with the site executor's own code (standardised
-//! with the statistics the model carries), and writes into the output folder, atomically:
+//! safetensors file `fedhcc export` writes ([`crate::model_file`]: bounds-checked, F32 tensors laid
+//! end to end, the export's metadata; the torch or the burn layout, mapped back onto the site study
+//! model's), refuses a model of another study or another layout than the site's study model,
+//! scores the site's patients with the site executor's own code (standardised with the statistics
+//! the model carries), and writes into the output folder, atomically:
 //!
 //! - `predictions.csv` (`score,label,time,event,os_time,os_event`, one row per patient with RFS):
 //!   patient-level, it stays at the site;
+//! - with `--write-inputs` (clinical model), `inputs.csv`: the same patients' design-matrix rows
+//!   before the model's standardisation, row for row, to reproduce the scores outside fedhcc
+//!   (`scripts/fedhcc_model.py`); patient-level too;
 //! - `stats.json` and the plots, exactly what `fedhcc stats` makes of `predictions.csv`
 //!   (`fedhcc_stats::report`), with the cut-off's origin in `cutoff_source` and `notes`;
 //! - `validation.json`: which model, which patients, which cut-off and why.
@@ -16,6 +20,7 @@
 //! score one of its own splits (`--split test`), with Youden's cut-off on its training split, as the
 //! federated evaluation does.
 
+use crate::model_file::{FileLayout, read_safetensors};
 use crate::study::StudyModel;
 use crate::train::{Trainer, backend_for};
 use anyhow::{Context, Result, bail};
@@ -27,9 +32,6 @@ use fedhcc_stats::report::{StatsOptions, evaluate, plots, predictions_from_colum
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-
-/// Largest safetensors header accepted (bytes of JSON).
-const MAX_HEADER_BYTES: u64 = 64 << 20;
 
 /// `fedhcc validate`.
 #[derive(Args)]
@@ -64,98 +66,55 @@ pub struct ValidateArgs {
     /// Compute backend (default: the site config's `backend`, else the fastest CPU backend).
     #[arg(long)]
     pub backend: Option<String>,
+    /// Also write inputs.csv: for each row of predictions.csv, the patient's clinical design-matrix
+    /// row as the model receives it before its own standardisation (named columns), to reproduce
+    /// the scores outside fedhcc (scripts/fedhcc_model.py). Patient-level: it stays at this site.
+    /// Clinical model only.
+    #[arg(long)]
+    pub write_inputs: bool,
 }
 
-/// A model read from a safetensors file: its `__metadata__` and its tensors in file order.
+/// A model read from a safetensors file and checked against the site's study model.
 pub struct SafetensorsModel {
     /// The metadata (`study_id`, `model_kind`, `fingerprint`, … as `fedhcc export` writes them).
     pub metadata: BTreeMap<String, String>,
-    /// The tensors, in data-offset order (the model's order when `fedhcc export` wrote it).
+    /// The file's layout.
+    pub layout: FileLayout,
+    /// The tensors in the study model's names, shapes and order (the torch layout undone).
     pub params: ParameterSet,
 }
 
-/// Parses a safetensors file of F32 tensors: an 8-byte little-endian header length, a JSON header
-/// (`__metadata__` of strings, then per tensor `dtype`, `shape`, `data_offsets`), then the data,
-/// which the tensors must cover end to end without gaps or overlaps. `file` names it in errors.
-///
-/// # Errors
-/// A truncated file, a header that is not such JSON, another dtype, offsets outside the data or not
-/// matching the shape, gaps or overlaps, or tensors the parameter set refuses (duplicate names).
-pub fn read_safetensors(bytes: &[u8], file: &str) -> Result<SafetensorsModel> {
-    let bad = |what: String| anyhow::anyhow!("{file} is not a usable safetensors model: {what}");
-    let len = bytes.get(..8).ok_or_else(|| bad("shorter than its 8-byte header length".into()))?;
-    let n = u64::from_le_bytes(len.try_into().map_err(|_| bad("no header length".into()))?);
-    if n > MAX_HEADER_BYTES || n > (bytes.len() - 8) as u64 {
-        return Err(bad(format!("a header of {n} bytes in a file of {} bytes", bytes.len())));
-    }
-    let header_end = 8 + n as usize;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..header_end]).map_err(|e| bad(format!("its header is not JSON: {e}")))?;
-    let data = &bytes[header_end..];
-    let mut metadata = BTreeMap::new();
-    let mut tensors = Vec::with_capacity(header.len());
-    for (name, v) in header {
-        if name == "__metadata__" {
-            metadata = serde_json::from_value(v).map_err(|e| bad(format!("__metadata__ is not text: {e}")))?;
-            continue;
-        }
-        #[derive(serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Entry {
-            dtype: String,
-            shape: Vec<usize>,
-            data_offsets: [usize; 2],
-        }
-        let e: Entry = serde_json::from_value(v).map_err(|e| bad(format!("tensor '{name}': {e}")))?;
-        if e.dtype != "F32" {
-            return Err(bad(format!("tensor '{name}' is {} (fedhcc models are F32)", e.dtype)));
-        }
-        let numel = e.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let [a, b] = e.data_offsets;
-        if a > b || b > data.len() || numel.and_then(|k| k.checked_mul(4)) != Some(b - a) {
-            return Err(bad(format!(
-                "tensor '{name}' of shape {:?} has data offsets {a}..{b} in {} bytes of data",
-                e.shape,
-                data.len()
-            )));
-        }
-        tensors.push((a, b, name, e.shape));
-    }
-    tensors.sort_by_key(|t| (t.0, t.1));
-    let mut end = 0;
-    for (a, b, name, _) in &tensors {
-        if *a != end {
-            return Err(bad(format!("tensor '{name}' starts at byte {a}, the previous tensor ends at {end}")));
-        }
-        end = *b;
-    }
-    if end != data.len() {
-        return Err(bad(format!("the tensors cover {end} of {} bytes of data", data.len())));
-    }
-    let params = ParameterSet::from_tensors(
-        tensors
-            .into_iter()
-            .map(|(a, b, name, shape)| {
-                let values = data[a..b].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                (name, shape, values)
-            })
-            .collect(),
-    )
-    .map_err(|e| bad(e.to_string()))?;
-    Ok(SafetensorsModel { metadata, params })
-}
-
-/// Reads `path` and checks that it is a model of the site's study: the fingerprint the export
-/// recorded must be the tensors' own (else the file was altered) and the study's model's.
+/// Reads `path` and checks that it is a model of the site's study: its study id must be the site's,
+/// its tensors (in the layout its metadata names) the study model's, and the fingerprint the export
+/// recorded theirs (else the file was altered).
 ///
 /// # Errors
 /// Unreadable or invalid file; a model of another study or another layout, with the reason.
 pub fn read_study_model(path: &Path, study_id: &str, model: &StudyModel, seed: u64) -> Result<SafetensorsModel> {
     let bytes = std::fs::read(path).with_context(|| format!("reading the model {}", path.display()))?;
     let file = path.display().to_string();
-    let m = read_safetensors(&bytes, &file)?;
-    let meta = |k: &str| m.metadata.get(k).map_or("(not recorded)", String::as_str);
-    let own = m.params.fingerprint();
+    let f = read_safetensors(&bytes, &file)?;
+    let meta = |k: &str| f.metadata.get(k).map_or("(not recorded)", String::as_str);
+    if meta("study_id") != study_id {
+        bail!(
+            "{file} is a model of study '{}', but this site's configuration is for study '{study_id}': validate it \
+             with a site configuration whose study file is the one the model was trained under",
+            meta("study_id")
+        );
+    }
+    let expected = model.initial_params(seed)?;
+    let params = f.to_params(expected.layout()).map_err(|problems| {
+        anyhow::anyhow!(
+            "{file} is a {} model whose {} tensors do not fit this site's study, which describes a {} model with \
+             layout {} ({problems}): the model does not fit this study file (another model kind, other [model] sizes \
+             or other [cohort] columns)",
+            meta("model_kind"),
+            f.tensor_count(),
+            model.kind(),
+            expected.fingerprint().short()
+        )
+    })?;
+    let own = params.fingerprint();
     let recorded = meta("fingerprint");
     if recorded != own.to_hex() {
         bail!(
@@ -165,37 +124,26 @@ pub fn read_study_model(path: &Path, study_id: &str, model: &StudyModel, seed: u
             &recorded[..recorded.len().min(12)]
         );
     }
-    if meta("study_id") != study_id {
-        bail!(
-            "{file} is a model of study '{}', but this site's configuration is for study '{study_id}': validate it \
-             with a site configuration whose study file is the one the model was trained under",
-            meta("study_id")
-        );
-    }
-    let expected = model.initial_params(seed)?.fingerprint();
-    if own != expected {
-        bail!(
-            "{file} is a {} model with layout {}, but this site's study describes a {} model with layout {}: the \
-             model does not fit this study file (another model kind, other [model] sizes or other [cohort] columns)",
-            meta("model_kind"),
-            own.short(),
-            model.kind(),
-            expected.short()
-        );
-    }
-    Ok(m)
+    Ok(SafetensorsModel { metadata: f.metadata, layout: f.layout, params })
 }
 
-/// Scores the site's patients with `params` through the executor the study's model uses.
+/// Scores the site's patients with `params` through the executor the study's model uses; with
+/// `inputs`, also the clinical inputs of the first split's patients (before standardisation).
 fn score(
     model: &StudyModel,
     site: &fedhcc_core::config::SiteConfig,
     backend: BackendKind,
     params: &ParameterSet,
     splits: &[&str],
-) -> Result<Vec<SitePredictions>> {
+    inputs: bool,
+) -> Result<(Vec<SitePredictions>, Option<Vec<f32>>)> {
     let mut e = Trainer::load(model, site, backend)?;
-    splits.iter().map(|s| e.predictions(params, s)).collect()
+    let scored = splits.iter().map(|s| e.predictions(params, s)).collect::<Result<Vec<_>>>()?;
+    let rows = match (inputs, splits.first()) {
+        (true, Some(split)) => Some(e.clinical_inputs(split)?),
+        _ => None,
+    };
+    Ok((scored, rows))
 }
 
 /// `predictions.csv`: one row per patient with RFS (what `fedhcc stats` reads), OS beside it.
@@ -209,6 +157,23 @@ fn predictions_csv(p: &SitePredictions) -> String {
         let _ = writeln!(csv, "{},{label},{t},{},{ot},{oe}", p.score[i], u8::from(e));
     }
     csv
+}
+
+/// `inputs.csv`: the design-matrix row (before standardisation) of each patient of
+/// [`predictions_csv`], row for row; `rows` holds one row of `columns.len()` values per patient of `p`.
+fn inputs_csv(p: &SitePredictions, columns: &[String], rows: &[f32]) -> Result<Vec<u8>> {
+    let d = columns.len();
+    if rows.len() != p.len() * d {
+        bail!("{} input values for {} patients of {d} columns", rows.len(), p.len());
+    }
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(columns)?;
+    for (i, row) in rows.chunks_exact(d.max(1)).enumerate() {
+        if p.rfs[i].is_some() {
+            w.write_record(row.iter().map(f32::to_string))?;
+        }
+    }
+    w.into_inner().map_err(|e| anyhow::anyhow!("writing inputs.csv: {e}"))
 }
 
 /// Runs `fedhcc validate`.
@@ -227,6 +192,9 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
     }
     let (site, study) = fedhcc_core::config::load_site(&args.site_config)?;
     let model = StudyModel::from_study(&study).with_context(|| format!("{}: its study", args.site_config.display()))?;
+    if args.write_inputs && model.clinical_config().is_none() {
+        bail!("--write-inputs writes the clinical model's inputs; this site's study trains a {} model", model.kind());
+    }
     let m = read_study_model(&args.model, &study.study_id, &model, study.training.seed)?;
     let backend = backend_for(args.backend.as_ref(), &site)?;
     let groups = fedhcc_core::standardisation::groups(m.params.layout());
@@ -235,7 +203,8 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
     let external = args.split == "all";
     let wants_training = args.cutoff.is_none() && study.evaluation.cutoff.is_none() && !external;
     let splits: Vec<&str> = if wants_training { vec![args.split.as_str(), "train"] } else { vec![args.split.as_str()] };
-    let mut scored = score(&model, &site, backend, &m.params, &splits)?.into_iter();
+    let (scored, inputs) = score(&model, &site, backend, &m.params, &splits, args.write_inputs)?;
+    let mut scored = scored.into_iter();
     let patients = scored.next().context("no predictions")?;
     let (cutoff, cutoff_source) = match (args.cutoff, study.evaluation.cutoff, scored.next()) {
         (Some(c), _, _) => (Some(c), "given"),
@@ -315,6 +284,7 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
         "study_id": study.study_id,
         "model_kind": model.kind(),
         "fingerprint": m.params.fingerprint().to_hex(),
+        "file_layout": m.layout.as_str(),
         "exported_by": m.metadata.get("producer"),
         "trained_in_run": m.metadata.get("run_id"),
         "site_id": site.site_id,
@@ -334,6 +304,9 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
         "predictions_csv": "patient-level: it stays at this site",
     });
     let mut files: Vec<(&str, Vec<u8>)> = vec![("predictions.csv", predictions_csv(&patients).into_bytes())];
+    if let Some(rows) = &inputs {
+        files.push(("inputs.csv", inputs_csv(&patients, &fedhcc_cohort::design_columns(&model.spec), rows)?));
+    }
     files.extend(plots(&report).into_iter().map(|(name, svg)| (name, svg.into_bytes())));
     files.push(("validation.json", serde_json::to_vec_pretty(&validation)?));
     let mut json = serde_json::to_vec_pretty(&report).context("cannot encode stats.json")?;
@@ -364,8 +337,10 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
     }
     println!(
         "wrote {} (stats.json, validation.json, roc.svg, km.svg, calibration.svg, decision_curve.svg); \
-         predictions.csv holds patient-level scores: it stays at this site",
-        args.out.display()
+         predictions.csv{} holds patient-level {}: it stays at this site",
+        args.out.display(),
+        if inputs.is_some() { " (and inputs.csv)" } else { "" },
+        if inputs.is_some() { "scores and inputs" } else { "scores" }
     );
     Ok(())
 }
@@ -373,65 +348,6 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn model() -> ParameterSet {
-        ParameterSet::from_tensors(vec![
-            ("a.weight".into(), vec![2, 2], vec![1.0, -2.0, 3.5, f32::MIN_POSITIVE]),
-            ("a.bias".into(), vec![2], vec![0.25, -0.0]),
-        ])
-        .unwrap()
-    }
-
-    fn exported() -> Vec<u8> {
-        let meta = BTreeMap::from([("fingerprint".to_string(), model().fingerprint().to_hex())]);
-        crate::export::safetensors_bytes(&model(), &meta).unwrap()
-    }
-
-    #[test]
-    fn reads_back_what_export_writes_bit_for_bit() {
-        let m = read_safetensors(&exported(), "m.safetensors").unwrap();
-        assert_eq!(m.params, model());
-        assert_eq!(m.metadata["fingerprint"], model().fingerprint().to_hex());
-    }
-
-    #[test]
-    fn refuses_damaged_files_with_the_reason_and_never_panics() {
-        let good = exported();
-        let hlen = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
-        let header = String::from_utf8(good[8..8 + hlen].to_vec()).unwrap();
-        let with_header = |h: &str| {
-            let mut h = h.as_bytes().to_vec();
-            h.resize(hlen, b' ');
-            let mut out = good[..8].to_vec();
-            out.extend(h);
-            out.extend(&good[8 + hlen..]);
-            out
-        };
-        let cases: Vec<(Vec<u8>, &str)> = vec![
-            (good[..5].to_vec(), "shorter"),
-            (good[..good.len() - 4].to_vec(), "data offsets"),
-            (
-                {
-                    let mut b = good.clone();
-                    b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
-                    b
-                },
-                "header of",
-            ),
-            (with_header(&header.replace("F32", "F16")), "F16"),
-            (with_header(&header.replace("[2,2]", "[2,3]")), "data offsets"),
-            (with_header(&header.replacen("{", "[", 1)), "not JSON"),
-            ([good.clone(), vec![0; 4]].concat(), "cover"),
-        ];
-        for (bytes, needle) in cases {
-            let e = read_safetensors(&bytes, "m.safetensors").err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(e.contains("m.safetensors") && e.contains(needle), "'{needle}' not in: {e}");
-        }
-        // Every truncation is an error, not a panic.
-        for k in 0..good.len() {
-            assert!(read_safetensors(&good[..k], "m").is_err(), "{k} bytes accepted");
-        }
-    }
 
     #[test]
     fn predictions_csv_is_what_fedhcc_stats_reads_and_keeps_values_exact() {
@@ -447,5 +363,11 @@ mod tests {
         assert_eq!(read.label, vec![Some(true), None]);
         assert_eq!((read.time, read.event), (vec![30.0, 400.0], vec![true, false]));
         assert!(csv.contains(",500,1\n"), "{csv}");
+        // inputs.csv: the rows of the same patients, values exact.
+        let cols = vec!["a".to_string(), "b=x".to_string()];
+        let inputs = inputs_csv(&p, &cols, &[0.1, 1.0, 2.5, 0.0, f32::MIN_POSITIVE, 1.0]).unwrap();
+        let text = String::from_utf8(inputs).unwrap();
+        assert_eq!(text, "a,b=x\n0.1,1\n2.5,0\n");
+        assert!(inputs_csv(&p, &cols, &[0.0; 5]).is_err());
     }
 }

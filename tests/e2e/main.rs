@@ -14,6 +14,7 @@ mod harness;
 mod multimodal;
 mod policy;
 mod process;
+mod pytorch_export;
 mod report;
 mod rounds;
 mod secagg;

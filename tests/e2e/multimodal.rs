@@ -123,7 +123,7 @@ fn preprocess_train_local_and_central_then_export() {
     assert!(params.layout().specs().iter().any(|s| s.name.starts_with("mri.")), "an MRI branch");
     assert!(!params.layout().specs().iter().any(|s| s.name.starts_with("wsi.")), "no WSI branch in preop");
 
-    // Export: names, shapes and every bit, plus the metadata.
+    // Export (default: PyTorch's layout): names, shapes and every bit, plus the metadata.
     let st = tmp.path().join("model.safetensors");
     let study = tmp.path().join("preop.toml");
     let (ok, stdout, stderr) = fedhcc(&[
@@ -140,11 +140,53 @@ fn preprocess_train_local_and_central_then_export() {
     let (meta, tensors) = read_safetensors(&std::fs::read(&st).unwrap());
     assert_eq!(meta["study_id"], "mm");
     assert_eq!(meta["model_kind"], "preop");
+    assert_eq!(meta["layout"], "torch");
     assert_eq!(meta["fingerprint"].as_str().unwrap(), params.fingerprint().to_hex());
+    let config: Value = serde_json::from_str(meta["model_config"].as_str().unwrap()).unwrap();
+    assert_eq!(config["kind"], "preop");
+    assert!(config["mri"]["groups"].as_u64().is_some() && config["mri"]["activation"].is_string(), "{config}");
     assert_eq!(tensors.len(), params.layout().specs().len());
-    for ((spec, values), (name, shape, read)) in params.tensors().zip(&tensors) {
-        assert_eq!((&spec.name, &spec.shape), (name, shape));
-        assert!(values.iter().zip(read).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} differs");
+    let by_name: std::collections::HashMap<&str, (&Vec<usize>, &Vec<f32>)> =
+        tensors.iter().map(|(n, s, v)| (n.as_str(), (s, v))).collect();
+    for (spec, values) in params.tensors() {
+        // PyTorch's names: GroupNorm weight / bias; Linear weights [out, in]; the rest as burn has them.
+        let name = spec.name.replace(".norm.gamma", ".norm.weight").replace(".norm.beta", ".norm.bias");
+        let (shape, read) = by_name.get(name.as_str()).unwrap_or_else(|| panic!("{name} not in the file"));
+        let expected: Vec<f32> = match spec.shape[..] {
+            [rows, cols] if spec.name.ends_with(".weight") => {
+                assert_eq!(**shape, vec![cols, rows], "{name}");
+                (0..rows * cols).map(|k| values[(k % rows) * cols + k / rows]).collect()
+            }
+            _ => {
+                assert_eq!(**shape, spec.shape, "{name}");
+                values.to_vec()
+            }
+        };
+        assert!(expected.iter().zip(read.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} differs");
+    }
+    assert!(by_name.contains_key("mri.stages.0.norm.weight") && by_name.contains_key("mri.embed.weight"));
+    // --layout burn: fedhcc's own names and shapes, bit for bit.
+    let burn = tmp.path().join("burn.safetensors");
+    let (ok, _, stderr) = fedhcc(&[
+        "export",
+        "--checkpoint",
+        model.to_str().unwrap(),
+        "--study",
+        study.to_str().unwrap(),
+        "--out",
+        burn.to_str().unwrap(),
+        "--layout",
+        "burn",
+    ]);
+    assert!(ok, "{stderr}");
+    let (meta, tensors) = read_safetensors(&std::fs::read(&burn).unwrap());
+    assert_eq!(meta["layout"], "burn");
+    let by_name: std::collections::HashMap<&str, (&Vec<usize>, &Vec<f32>)> =
+        tensors.iter().map(|(n, s, v)| (n.as_str(), (s, v))).collect();
+    for (spec, values) in params.tensors() {
+        let (shape, read) = by_name[spec.name.as_str()];
+        assert_eq!(*shape, spec.shape);
+        assert!(values.iter().zip(read.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{} differs", spec.name);
     }
     // A study describing another model is refused.
     let (ok, _, stderr) = fedhcc(&[

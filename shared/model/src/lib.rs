@@ -25,6 +25,8 @@
 //! - `convert`: module ⇄ [`ParameterSet`] through a `ModuleVisitor` / `ModuleMapper` (internal).
 //! - `train`: [`train_local`] and [`evaluate`].
 //! - `metrics`: [`auc`].
+//! - `torch`: [`torch_tensor`], the PyTorch name and shape of each tensor (`fedhcc export --layout
+//!   torch`, burn-store's PyTorch adapter's mapping), and [`transpose`].
 //!
 //! # Multimodal models (`kind = "preop"` / `"postop"`)
 //!
@@ -51,6 +53,7 @@ mod mm_data;
 mod mri;
 mod multimodal;
 mod net;
+mod torch;
 mod train;
 mod wsi;
 
@@ -61,6 +64,7 @@ pub use config::{BackendKind, ClinicalModelConfig, TrainParams};
 pub use error::ModelError;
 pub use layout::{init_params, model_layout};
 pub use metrics::auc;
+pub use torch::{TorchTensor, torch_tensor, transpose};
 pub use train::{Dataset, EvalOutcome, TrainOutcome, evaluate, train_local};
 
 pub use cox::{Survival, concordance_index, cox_partial_nll};
