@@ -425,7 +425,7 @@ impl DataCheck {
                 o.count,
                 format!(
                     "column {}: {} value(s) outside the plausible range {}..{} (kept as they are; check the units \
-                     against shared/SCHEMA.md)",
+                     against docs/data-schema.md)",
                     o.column, o.count, o.low, o.high
                 ),
             ));
