@@ -359,53 +359,42 @@ impl ImagingCheck {
                 }
                 (Severity::Warning, _) => format!("the {model} model does not use these images"),
             };
-            let mut f = Finding::new(
-                severity,
-                &code,
-                count,
-                format!("{what}: {count} patient(s), {effect}; each file and reason is under the image problems"),
-            );
-            f.patients = patients;
-            out.push(f);
+            let message =
+                format!("{what}: {count} patient(s), {effect}; each file and reason is under the image problems");
+            out.push(Finding { count, ..Finding::about(severity, &code, patients, message) });
         }
         if uses.mri && !self.without_mri_folder.is_empty() {
             let n = self.without_mri_folder.len();
-            let mut f = Finding::new(
+            out.push(Finding::about(
                 Severity::Error,
                 "mri_missing",
-                n,
+                self.without_mri_folder.clone(),
                 format!("{n} patient(s) have no mri/<patient_id>/ folder: they are left out of the {model} model"),
-            );
-            f.patients = self.without_mri_folder.clone();
-            out.push(f);
+            ));
         }
         if uses.wsi && !self.without_slides.is_empty() {
             let n = self.without_slides.len();
-            let mut f = Finding::new(
+            out.push(Finding::about(
                 Severity::Warning,
                 "slides_missing",
-                n,
+                self.without_slides.clone(),
                 format!(
                     "{n} patient(s) have no slide in wsi/<patient_id>/: the {model} model uses them with its slide \
                      input marked absent"
                 ),
-            );
-            f.patients = self.without_slides.clone();
-            out.push(f);
+            ));
         }
         if !self.folders_without_clinical_row.is_empty() {
             let n = self.folders_without_clinical_row.len();
-            let mut f = Finding::new(
+            out.push(Finding::about(
                 Severity::Warning,
                 "folder_without_clinical_row",
-                n,
+                self.folders_without_clinical_row.clone(),
                 format!(
                     "{n} image folder(s) are named after no patient of clinical.csv (a typo in the id, or a \
                      patient excluded from the table): training ignores them"
                 ),
-            );
-            f.patients = self.folders_without_clinical_row.clone();
-            out.push(f);
+            ));
         }
         out
     }

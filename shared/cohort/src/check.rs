@@ -91,6 +91,11 @@ impl Finding {
     pub fn new(severity: Severity, code: &str, count: usize, message: String) -> Self {
         Finding { severity, code: code.to_owned(), message, count, patients: Vec::new(), rows: Vec::new() }
     }
+
+    /// A finding about these `patients` (its count is theirs).
+    pub fn about(severity: Severity, code: &str, patients: Vec<String>, message: String) -> Self {
+        Finding { severity, code: code.to_owned(), message, count: patients.len(), patients, rows: Vec::new() }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -458,10 +463,10 @@ impl DataCheck {
         }
         let r = &self.recurrence_extent_missing;
         if !r.patients.is_empty() {
-            let mut f = Finding::new(
+            out.push(Finding::about(
                 Severity::Warning,
                 "recurrence_extent_missing",
-                r.patients.len(),
+                r.patients.clone(),
                 format!(
                     "{} patient(s) with a recurrence_date leave rec_macrovascular ({}) or rec_extrahepatic ({}) \
                      empty; an empty field is read as \"absent\", which pulls the label towards \"within Milan\" \
@@ -472,9 +477,7 @@ impl DataCheck {
                     r.rec_extrahepatic,
                     r.early_within_milan
                 ),
-            );
-            f.patients = r.patients.clone();
-            out.push(f);
+            ));
         }
         out
     }
