@@ -125,16 +125,13 @@ fn preprocess_train_local_and_central_then_export() {
 
     // Export (default: PyTorch's layout): names, shapes and every bit, plus the metadata.
     let st = tmp.path().join("model.safetensors");
-    let study = tmp.path().join("preop.toml");
-    let (ok, stdout, stderr) = fedhcc(&[
-        "export",
-        "--checkpoint",
-        model.to_str().unwrap(),
-        "--study",
-        study.to_str().unwrap(),
-        "--out",
-        st.to_str().unwrap(),
-    ]);
+    let export = |study: &str, out: &Path, extra: &[&str]| {
+        let (study, out) = (tmp.path().join(study), out.to_str().unwrap().to_owned());
+        let args =
+            ["export", "--checkpoint", model.to_str().unwrap(), "--study", study.to_str().unwrap(), "--out", &out];
+        fedhcc(&[&args[..], extra].concat())
+    };
+    let (ok, stdout, stderr) = export("preop.toml", &st, &[]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("Exported"), "{stdout}");
     let (meta, tensors) = read_safetensors(&std::fs::read(&st).unwrap());
@@ -167,17 +164,7 @@ fn preprocess_train_local_and_central_then_export() {
     assert!(by_name.contains_key("mri.stages.0.norm.weight") && by_name.contains_key("mri.embed.weight"));
     // --layout burn: fedhcc's own names and shapes, bit for bit.
     let burn = tmp.path().join("burn.safetensors");
-    let (ok, _, stderr) = fedhcc(&[
-        "export",
-        "--checkpoint",
-        model.to_str().unwrap(),
-        "--study",
-        study.to_str().unwrap(),
-        "--out",
-        burn.to_str().unwrap(),
-        "--layout",
-        "burn",
-    ]);
+    let (ok, _, stderr) = export("preop.toml", &burn, &["--layout", "burn"]);
     assert!(ok, "{stderr}");
     let (meta, tensors) = read_safetensors(&std::fs::read(&burn).unwrap());
     assert_eq!(meta["layout"], "burn");
@@ -189,15 +176,7 @@ fn preprocess_train_local_and_central_then_export() {
         assert!(values.iter().zip(read.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{} differs", spec.name);
     }
     // A study describing another model is refused.
-    let (ok, _, stderr) = fedhcc(&[
-        "export",
-        "--checkpoint",
-        model.to_str().unwrap(),
-        "--study",
-        tmp.path().join("postop.toml").to_str().unwrap(),
-        "--out",
-        tmp.path().join("x.safetensors").to_str().unwrap(),
-    ]);
+    let (ok, _, stderr) = export("postop.toml", &tmp.path().join("x.safetensors"), &[]);
     assert!(!ok && stderr.contains("layout"), "{stderr}");
 
     // Both sites pooled, the postoperative model (everything was prepared above: a rerun reuses it).
