@@ -126,6 +126,7 @@ pub async fn run_with_dashboard(
     shutdown: CancellationToken,
 ) -> Result<RunOutcome, ServerError> {
     let ServerOptions { config, study, initial_model } = opts;
+    let config = config.with_absolute_paths();
     let dashboard = match (dashboard, &config.dashboard) {
         (Some(l), Some(cfg)) => Some((l, dashboard::Dashboard::prepare(cfg, &config.tls, &config.state_dir)?)),
         (Some(_), None) => {
@@ -302,27 +303,7 @@ fn write_effective_config(state_dir: &Path, config: &ServerConfig, study: &Study
         server: &'a ServerConfig,
         study: &'a StudyConfig,
     }
-    // Paths in a written file are absolute: the working directory the server ran in is not recorded.
-    let abs = |p: &mut PathBuf| {
-        if let Ok(a) = std::path::absolute(&*p) {
-            *p = a;
-        }
-    };
-    let mut config = config.clone();
-    for p in [
-        &mut config.study,
-        &mut config.state_dir,
-        &mut config.tls.ca,
-        &mut config.tls.cert,
-        &mut config.tls.key,
-        &mut config.tls.crl,
-    ] {
-        abs(p);
-    }
-    if let Some(token) = config.dashboard.as_mut().and_then(|d| d.token_file.as_mut()) {
-        abs(token);
-    }
-    match toml::to_string_pretty(&Effective { server: &config, study }) {
+    match toml::to_string_pretty(&Effective { server: config, study }) {
         Ok(text) => {
             if let Err(e) =
                 fedhcc_core::pki::write_atomic(&state_dir.join("effective-config.toml"), text.as_bytes(), false)

@@ -82,21 +82,13 @@ pub struct Store {
     run_id: String,
 }
 
-/// `p` made absolute against the working directory (lexically: nothing is resolved on disk); `p`
-/// itself when the working directory cannot be read.
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
 impl Store {
     /// Opens (creating if needed) `state_dir/server.db` and `state_dir/checkpoints/`.
     ///
     /// # Errors
     /// The folder or database cannot be created or opened.
     pub fn open(state_dir: &Path, run_id: &str) -> Result<Self, StoreError> {
-        // Recorded checkpoint paths are absolute: a server restarted, or a report made, from another
-        // working directory still finds them.
-        let checkpoints = absolute(&state_dir.join("checkpoints"));
+        let checkpoints = state_dir.join("checkpoints");
         fs::create_dir_all(&checkpoints).map_err(|source| StoreError::Io { path: checkpoints.clone(), source })?;
         let db_path = state_dir.join("server.db");
         let db = |source| StoreError::Db { path: db_path.clone(), source };
@@ -135,8 +127,7 @@ impl Store {
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&db_path, flags)
             .map_err(|source| StoreError::Db { path: db_path.clone(), source })?;
-        let store =
-            Self { conn, db_path, checkpoints: absolute(&state_dir.join("checkpoints")), run_id: run_id.to_string() };
+        let store = Self { conn, db_path, checkpoints: state_dir.join("checkpoints"), run_id: run_id.to_string() };
         let tables: i64 = store
             .conn
             .query_row(

@@ -47,6 +47,11 @@ fn demo_with_its_default_out_from_a_fresh_working_directory() {
     let state_dir = effective.lines().find(|l| l.starts_with("state_dir")).expect("state_dir recorded");
     let recorded = state_dir.split('"').nth(1).unwrap();
     assert!(Path::new(recorded).is_absolute(), "{state_dir}");
+    // ... and server.db records the checkpoints by absolute path (the demo's report shows it).
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report-clinical/report.json")).unwrap()).unwrap();
+    let file = report["fingerprints"]["final_checkpoint"]["file"].as_str().expect("the final checkpoint");
+    assert!(Path::new(file).is_absolute() && Path::new(file).is_file(), "{file}");
 
     // The whole demo folder, moved away and read from yet another working directory, still works:
     // the study file and the configurations it names are found relative to themselves.

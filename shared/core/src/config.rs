@@ -332,6 +332,29 @@ fn default_dashboard_listen() -> String {
     "127.0.0.1:8443".into()
 }
 
+impl ServerConfig {
+    /// The same configuration with every path absolute (against the working directory, lexically).
+    /// The server runs on this, so that what it records (checkpoint paths in `server.db`,
+    /// `effective-config.toml`) still holds when it is restarted, or read, from another folder.
+    #[must_use]
+    pub fn with_absolute_paths(mut self) -> Self {
+        let abs = |p: &mut PathBuf| {
+            if let Ok(a) = std::path::absolute(&*p) {
+                *p = a;
+            }
+        };
+        abs(&mut self.study);
+        abs(&mut self.state_dir);
+        for p in [&mut self.tls.ca, &mut self.tls.cert, &mut self.tls.key, &mut self.tls.crl] {
+            abs(p);
+        }
+        if let Some(token) = self.dashboard.as_mut().and_then(|d| d.token_file.as_mut()) {
+            abs(token);
+        }
+        self
+    }
+}
+
 impl DashboardConfig {
     /// The token file, with the default filled in.
     pub fn token_path(&self, state_dir: &Path) -> PathBuf {
