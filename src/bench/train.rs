@@ -26,7 +26,8 @@ pub struct TrainArgs {
     /// Compute backend (default: the fastest CPU backend).
     #[arg(long)]
     pub backend: Option<String>,
-    /// Print one JSON line.
+    /// Print one JSON line; besides the timings it holds `train_loss` (the epoch's mean batch objective)
+    /// and `update_norm` (L2 norm of trained minus initial weights), which two backends should agree on.
     #[arg(long)]
     pub json: bool,
 }
@@ -63,11 +64,21 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let epoch_s_290 = epoch_s * SITE_PATIENTS as f64 / args.patients as f64;
     let samples_per_s = args.patients as f64 / epoch_s;
     let rss = peak_rss_mb();
+    // For comparing backends (scripts/gpu-check.sh): the same synthetic site, initial weights and
+    // seed on two backends should give the same loss and update up to float rounding.
+    let update_norm = global
+        .values()
+        .iter()
+        .zip(out.params.values())
+        .map(|(&a, &b)| (f64::from(b) - f64::from(a)).powi(2))
+        .sum::<f64>()
+        .sqrt();
     if args.json {
         let v = serde_json::json!({
             "model": kind.as_str(), "samples_per_s": round(samples_per_s), "epoch_s_290": round(epoch_s_290),
             "peak_rss_mb": rss.map(|m| m.round()), "gflops": round(gflops), "ceiling_gflops": round(ceiling.gflops),
             "backend": backend.as_str(), "patients": args.patients, "batch": args.batch, "steps": out.steps,
+            "train_loss": out.train_loss, "update_norm": update_norm,
         });
         println!("{v}");
     } else {

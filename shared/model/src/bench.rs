@@ -10,6 +10,7 @@ use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::backend::{Dispatch, autodiff, read_f32};
 use crate::config::BackendKind;
 use crate::cox::Survival;
 use crate::error::ModelError;
@@ -98,14 +99,16 @@ pub fn conv3d_ceiling(backend: BackendKind, reps: usize) -> Result<ConvCeiling, 
     const C_OUT: usize = 32;
     const S: usize = 32;
     guarded(backend, || {
-        let device = backend.device().autodiff();
+        let device = autodiff(backend.device());
         let xs: Vec<f32> = (0..B * C_IN * S * S * S).map(|i| ((i % 97) as f32 - 48.0) / 48.0).collect();
         let ws: Vec<f32> = (0..C_OUT * C_IN * 27).map(|i| ((i % 31) as f32 - 15.0) / 150.0).collect();
         let flops = 3.0 * 2.0 * (B * S * S * S * C_OUT * C_IN * 27) as f64;
         let mut best = f64::INFINITY;
         for rep in 0..=reps.max(1) {
-            let x = Tensor::<5>::from_data(TensorData::new(xs.clone(), [B, C_IN, S, S, S]), &device).require_grad();
-            let w = Tensor::<5>::from_data(TensorData::new(ws.clone(), [C_OUT, C_IN, 3, 3, 3]), &device).require_grad();
+            let x = Tensor::<Dispatch, 5>::from_data(TensorData::new(xs.clone(), [B, C_IN, S, S, S]), &device)
+                .require_grad();
+            let w = Tensor::<Dispatch, 5>::from_data(TensorData::new(ws.clone(), [C_OUT, C_IN, 3, 3, 3]), &device)
+                .require_grad();
             let t = Instant::now();
             let y = conv3d(x.clone(), w.clone(), None, ConvOptions::new([1; 3], [1; 3], [1; 3], 1));
             let grads = y.sum().backward();
@@ -113,7 +116,7 @@ pub fn conv3d_ceiling(backend: BackendKind, reps: usize) -> Result<ConvCeiling, 
             let gw = w.grad(&grads).map(|g| g.sum());
             // Reading the results waits for the device.
             for g in [gx, gw].into_iter().flatten() {
-                g.try_into_vec_as::<f32>().map_err(|e| ModelError::Backend { backend, message: e.to_string() })?;
+                read_f32(g).map_err(|message| ModelError::Backend { backend, message })?;
             }
             if rep > 0 {
                 best = best.min(t.elapsed().as_secs_f64());

@@ -9,14 +9,17 @@
 use std::collections::HashMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use fedhcc_core::params::ParameterSet;
+
+use crate::backend::read_f32;
 
 /// Reads every float parameter of `module` into a [`ParameterSet`], in visiting order.
 ///
 /// # Errors
 /// A message naming a tensor that could not be read back from the device.
-pub(crate) fn export<M: Module>(module: &M) -> Result<ParameterSet, String> {
+pub(crate) fn export<B: Backend, M: Module<B>>(module: &M) -> Result<ParameterSet, String> {
     let mut exporter = Exporter::default();
     module.visit(&mut exporter);
     if let Some(e) = exporter.error {
@@ -32,7 +35,7 @@ pub(crate) fn export<M: Module>(module: &M) -> Result<ParameterSet, String> {
 ///
 /// # Errors
 /// A message naming each missing or misshapen tensor.
-pub(crate) fn import<M: Module>(module: M, params: &ParameterSet) -> Result<M, String> {
+pub(crate) fn import<B: Backend, M: Module<B>>(module: M, params: &ParameterSet) -> Result<M, String> {
     let values = params.tensors().map(|(spec, v)| (spec.name.as_str(), (spec.shape.as_slice(), v))).collect();
     let mut importer = Importer { path: Vec::new(), values, problems: Vec::new(), loaded: 0 };
     let module = module.map(&mut importer);
@@ -52,7 +55,7 @@ struct Exporter {
     error: Option<String>,
 }
 
-impl ModuleVisitor for Exporter {
+impl<B: Backend> ModuleVisitor<B> for Exporter {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -61,11 +64,11 @@ impl ModuleVisitor for Exporter {
         self.path.pop();
     }
 
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let name = self.path.join(".");
         let tensor = param.transform_for_save().val();
         let shape = tensor.dims().to_vec();
-        match tensor.try_into_vec_as::<f32>() {
+        match read_f32(tensor) {
             Ok(values) => self.tensors.push((name, shape, values)),
             Err(e) => {
                 self.error.get_or_insert_with(|| format!("reading tensor '{name}' from the device: {e}"));
@@ -81,7 +84,7 @@ struct Importer<'a> {
     loaded: usize,
 }
 
-impl ModuleMapper for Importer<'_> {
+impl<B: Backend> ModuleMapper<B> for Importer<'_> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -90,7 +93,7 @@ impl ModuleMapper for Importer<'_> {
         self.path.pop();
     }
 
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let name = self.path.join(".");
         let Some(&(shape, values)) = self.values.get(name.as_str()) else {
             self.problems.push(format!("tensor '{name}' is missing"));
@@ -103,7 +106,7 @@ impl ModuleMapper for Importer<'_> {
             self.problems.push(format!("tensor '{name}' has shape {shape:?} but the model expects {expected:?}"));
             return param;
         }
-        let tensor = Tensor::<D>::from_data(TensorData::new(values.to_vec(), shape.to_vec()), &param.lazy_device());
+        let tensor = Tensor::<B, D>::from_data(TensorData::new(values.to_vec(), shape.to_vec()), &param.lazy_device());
         self.loaded += 1;
         let id = param.id;
         param.transform_for_load(tensor, id)
@@ -112,9 +115,8 @@ impl ModuleMapper for Importer<'_> {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::Device;
-
     use super::*;
+    use crate::backend::{Dispatch, autodiff, flex};
     use crate::config::ClinicalModelConfig;
     use crate::layout::{init_params, model_layout};
     use crate::net::Mlp;
@@ -129,10 +131,11 @@ mod tests {
 
     #[test]
     fn burn_names_and_shapes_match_the_declared_layout() {
-        let exported = export(&import(Mlp::new(&cfg(), &Device::flex()), &init_params(&cfg(), 1)).unwrap()).unwrap();
+        let exported =
+            export(&import(Mlp::<Dispatch>::new(&cfg(), &flex()), &init_params(&cfg(), 1)).unwrap()).unwrap();
         assert_eq!(exported.layout(), &model_layout(&cfg()).unwrap());
         let deep = ClinicalModelConfig { inputs: 3, hidden: vec![5, 2], dropout: 0.0 };
-        let exported = export(&import(Mlp::new(&deep, &Device::flex()), &init_params(&deep, 1)).unwrap()).unwrap();
+        let exported = export(&import(Mlp::<Dispatch>::new(&deep, &flex()), &init_params(&deep, 1)).unwrap()).unwrap();
         assert_eq!(exported.layout(), &model_layout(&deep).unwrap());
     }
 
@@ -141,8 +144,8 @@ mod tests {
         let mut params = init_params(&cfg(), 3);
         let awkward = [f32::MIN_POSITIVE, -0.0, 1e-45, f32::MAX, -f32::MAX, 0.1, 1.0 / 3.0];
         params.values_mut()[..awkward.len()].copy_from_slice(&awkward);
-        for device in [Device::flex(), Device::flex().autodiff()] {
-            let back = export(&import(Mlp::new(&cfg(), &device), &params).unwrap()).unwrap();
+        for device in [flex(), autodiff(flex())] {
+            let back = export(&import(Mlp::<Dispatch>::new(&cfg(), &device), &params).unwrap()).unwrap();
             assert_eq!(back.fingerprint(), params.fingerprint());
             assert_eq!(bits(&back), bits(&params));
         }
@@ -155,7 +158,7 @@ mod tests {
             ("layers.0.bias".into(), vec![32], vec![0.0; 32]),
         ])
         .unwrap();
-        let err = import(Mlp::new(&cfg(), &Device::flex()), &wrong).unwrap_err();
+        let err = import(Mlp::<Dispatch>::new(&cfg(), &flex()), &wrong).unwrap_err();
         assert!(err.contains("'layers.0.weight' has shape [32, 4]"), "{err}");
         assert!(err.contains("'layers.1.weight' is missing"), "{err}");
     }

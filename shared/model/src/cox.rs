@@ -12,7 +12,8 @@
 //! outside), so `log Σ_k c_jk e^{r_k} = logsumexp_k(r_k + log c_jk)`, evaluated stably with the
 //! row maximum. The loss is divided by the number of events; with no events it is 0.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 
 use crate::mm_config::CoxTies;
 
@@ -95,9 +96,9 @@ impl CoxTerms {
     ///
     /// # Shapes
     /// `risk: [n]` → `[1]`.
-    pub(crate) fn loss(&self, risk: Tensor<1>, device: &Device) -> Tensor<1> {
-        let logw = Tensor::<2>::from_data(TensorData::new(self.log_weights.clone(), [self.terms, self.n]), device);
-        let event = Tensor::<1>::from_data(TensorData::new(self.event.clone(), [self.n]), device);
+    pub(crate) fn loss<B: Backend>(&self, risk: Tensor<B, 1>, device: &B::Device) -> Tensor<B, 1> {
+        let logw = Tensor::<B, 2>::from_data(TensorData::new(self.log_weights.clone(), [self.terms, self.n]), device);
+        let event = Tensor::<B, 1>::from_data(TensorData::new(self.event.clone(), [self.n]), device);
         let m = risk.clone().reshape([1, self.n]) + logw; // [terms, n]
         let row_max = m.clone().max_dim(1).detach(); // [terms, 1]
         let lse = (m - row_max.clone()).exp().sum_dim(1).log() + row_max; // [terms, 1]
@@ -154,6 +155,7 @@ pub fn concordance_index(risk: &[f32], surv: &[Option<Survival>]) -> Option<f64>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{Device, Dispatch, autodiff, flex, read_f32, read_scalar};
 
     fn surv(times: &[f64], events: &[bool]) -> Vec<Option<Survival>> {
         times.iter().zip(events).map(|(&time, &event)| Some(Survival { time, event })).collect()
@@ -161,8 +163,8 @@ mod tests {
 
     fn tensor_loss(risk: &[f32], s: &[Option<Survival>], ties: CoxTies, device: &Device) -> Option<f32> {
         let terms = CoxTerms::new(s, ties)?;
-        let r = Tensor::<1>::from_data(TensorData::new(risk.to_vec(), [risk.len()]), device);
-        Some(terms.loss(r, device).into_scalar::<f32>())
+        let r = Tensor::<Dispatch, 1>::from_data(TensorData::new(risk.to_vec(), [risk.len()]), device);
+        Some(read_scalar(terms.loss(r, device)).unwrap())
     }
 
     /// Hand computation. Subjects (time, event, e^r): (1, yes, 1), (2, yes, 1), (2, yes, 2), (3, no, 3).
@@ -180,7 +182,7 @@ mod tests {
         let breslow = (7f64.ln() + 2.0 * 6f64.ln() - 2f64.ln()) / 3.0;
         let efron = (7f64.ln() + 6f64.ln() + 4.5f64.ln() - 2f64.ln()) / 3.0;
         assert!((breslow - 1.612_093_969_0).abs() < 1e-9 && (efron - 1.516_199_944_8).abs() < 1e-9);
-        let device = Device::flex();
+        let device = flex();
         for (ties, want) in [(CoxTies::Breslow, breslow), (CoxTies::Efron, efron)] {
             let cpu = cox_partial_nll(&risk, &s, ties).unwrap();
             assert!((cpu - want).abs() < 1e-6, "{ties:?}: f64 {cpu} vs {want}");
@@ -200,7 +202,7 @@ mod tests {
         // −loglike / events (8 events), from the reference script.
         let breslow = 2.192_307_367_7;
         let efron = 2.142_857_119_9;
-        let device = Device::flex();
+        let device = flex();
         for (ties, want) in [(CoxTies::Breslow, breslow), (CoxTies::Efron, efron)] {
             let cpu = cox_partial_nll(&risk, &s, ties).unwrap();
             assert!((cpu - want).abs() < 1e-6, "{ties:?}: f64 {cpu} vs {want}");
@@ -215,12 +217,13 @@ mod tests {
         let events = [true, true, true, false, false, true, true];
         let s = surv(&times, &events);
         let risk = [0.2f32, -0.5, 0.9, 0.1, -0.3, 0.4, 1.3];
-        let device = Device::flex().autodiff();
+        let device = autodiff(flex());
         for ties in [CoxTies::Breslow, CoxTies::Efron] {
             let terms = CoxTerms::new(&s, ties).unwrap();
-            let r = Tensor::<1>::from_data(TensorData::new(risk.to_vec(), [risk.len()]), &device).require_grad();
+            let r =
+                Tensor::<Dispatch, 1>::from_data(TensorData::new(risk.to_vec(), [risk.len()]), &device).require_grad();
             let grads = terms.loss(r.clone(), &device).backward();
-            let grad: Vec<f32> = r.grad(&grads).unwrap().try_into_vec_as::<f32>().unwrap();
+            let grad: Vec<f32> = read_f32(r.grad(&grads).unwrap()).unwrap();
             let h = 1e-3;
             for k in 0..risk.len() {
                 let at = |delta: f32| {
@@ -243,7 +246,7 @@ mod tests {
         assert_eq!(cox_partial_nll(&[0.0, 1.0, 2.0], &s, CoxTies::Breslow), None);
         let mut partial = surv(&[1.0, 2.0, 3.0], &[true, false, true]);
         partial[1] = None;
-        let device = Device::flex();
+        let device = flex();
         let extreme = [200.0f32, -300.0, 150.0];
         let t = tensor_loss(&extreme, &partial, CoxTies::Efron, &device).unwrap();
         let cpu = cox_partial_nll(&extreme, &partial, CoxTies::Efron).unwrap();

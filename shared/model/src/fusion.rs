@@ -18,7 +18,8 @@
 use burn::module::{Initializer, Module};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::relu;
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Tensor, TensorData};
 use fedhcc_core::params::{Layout, ParameterSet, TensorSpec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -131,13 +132,13 @@ pub fn init_multimodal_params(cfg: &MultimodalConfig, seed: u64) -> Result<Param
 
 /// The burn module. Field names give parameter names; renaming anything changes the layout.
 #[derive(Module, Debug)]
-pub(crate) struct MultimodalNet {
-    mri: MriEncoder,
-    wsi: Option<WsiEncoder>,
-    clinical: Vec<Linear>,
-    fusion: Vec<Linear>,
-    recurrence: Linear,
-    risk: Linear,
+pub(crate) struct MultimodalNet<B: Backend> {
+    mri: MriEncoder<B>,
+    wsi: Option<WsiEncoder<B>>,
+    clinical: Vec<Linear<B>>,
+    fusion: Vec<Linear<B>>,
+    recurrence: Linear<B>,
+    risk: Linear<B>,
     #[module(skip)]
     clinical_dropout: f64,
     #[module(skip)]
@@ -147,40 +148,43 @@ pub(crate) struct MultimodalNet {
 }
 
 /// One batch, on the device.
-pub(crate) struct NetInput {
+pub(crate) struct NetInput<B: Backend> {
     /// `[batch, phases, depth, height, width]`, missing phases zero.
-    pub(crate) crops: Tensor<5>,
+    pub(crate) crops: Tensor<B, 5>,
     /// `[batch, phases]`, 1 where the phase is present.
-    pub(crate) presence: Tensor<2>,
+    pub(crate) presence: Tensor<B, 2>,
     /// `[batch, clinical_inputs]`.
-    pub(crate) clinical: Tensor<2>,
+    pub(crate) clinical: Tensor<B, 2>,
     /// Postop only.
-    pub(crate) slides: Option<SlideInput>,
+    pub(crate) slides: Option<SlideInput<B>>,
 }
 
+/// Padded bags `[m, n, features]`, their padding mask `[m, n]` and the scatter matrix `[batch, m]`.
+pub(crate) type PaddedBags<B> = (Tensor<B, 3>, Tensor<B, 2, Bool>, Tensor<B, 2>);
+
 /// The slides of one batch.
-pub(crate) struct SlideInput {
+pub(crate) struct SlideInput<B: Backend> {
     /// The padded bags of the patients with a slide: `[m, n, features]`, padding mask `[m, n]`,
     /// and the scatter matrix `[batch, m]` (1 where batch row `i` holds bag `j`). `None` when no
     /// patient of the batch has a slide.
-    pub(crate) bags: Option<(Tensor<3>, Tensor<2, Bool>, Tensor<2>)>,
+    pub(crate) bags: Option<PaddedBags<B>>,
     /// `[batch, 1]`, 1 where the patient has a slide.
-    pub(crate) present: Tensor<2>,
+    pub(crate) present: Tensor<B, 2>,
 }
 
 /// The two heads' outputs, one value per patient.
-pub(crate) struct NetOutput {
+pub(crate) struct NetOutput<B: Backend> {
     /// Aggressive-recurrence logit, `[batch]`.
-    pub(crate) logit: Tensor<1>,
+    pub(crate) logit: Tensor<B, 1>,
     /// Cox risk score (log relative hazard), `[batch]`.
-    pub(crate) risk: Tensor<1>,
+    pub(crate) risk: Tensor<B, 1>,
 }
 
-impl MultimodalNet {
+impl<B: Backend> MultimodalNet<B> {
     /// A model of the given shape on `device`, with lazily initialised zero weights: every caller
     /// loads a parameter set into it next, so burn's RNG is never consulted.
-    pub(crate) fn new(cfg: &MultimodalConfig, device: &Device) -> Self {
-        let linears = |dims: Vec<(usize, usize)>| -> Vec<Linear> {
+    pub(crate) fn new(cfg: &MultimodalConfig, device: &B::Device) -> Self {
+        let linears = |dims: Vec<(usize, usize)>| -> Vec<Linear<B>> {
             dims.into_iter()
                 .map(|(i, o)| LinearConfig::new(i, o).with_initializer(Initializer::Zeros).init(device))
                 .collect()
@@ -200,7 +204,7 @@ impl MultimodalNet {
     }
 
     /// Both heads for one batch. `dropout` (training only) draws the dropout masks.
-    pub(crate) fn forward(&self, input: NetInput, mut dropout: Option<&mut ChaCha8Rng>) -> NetOutput {
+    pub(crate) fn forward(&self, input: NetInput<B>, mut dropout: Option<&mut ChaCha8Rng>) -> NetOutput<B> {
         let [batch, _] = input.clinical.dims();
         let mut parts = vec![self.mri.forward(input.crops, input.presence)];
         let mut clinical = input.clinical;
@@ -232,13 +236,13 @@ impl MultimodalNet {
 
 /// Inverted dropout with a mask drawn from `rng` (training only; `prob = 0` or no `rng` is the
 /// identity). Masks come from a seeded `ChaCha8Rng`, never from burn's process-global RNG.
-fn apply_dropout(x: Tensor<2>, prob: f64, rng: Option<&mut ChaCha8Rng>) -> Tensor<2> {
+fn apply_dropout<B: Backend>(x: Tensor<B, 2>, prob: f64, rng: Option<&mut ChaCha8Rng>) -> Tensor<B, 2> {
     let Some(rng) = rng.filter(|_| prob > 0.0) else { return x };
     let [rows, cols] = x.dims();
     let keep = 1.0 - prob;
     let scale = (1.0 / keep) as f32;
     let mask: Vec<f32> = (0..rows * cols).map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 }).collect();
-    let mask = Tensor::from_data(TensorData::new(mask, [rows, cols]), &x.device());
+    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [rows, cols]), &x.device());
     x * mask
 }
 
@@ -263,6 +267,7 @@ pub(crate) fn tiny(kind: crate::mm_config::MultimodalKind) -> MultimodalConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{Dispatch, autodiff, flex, read_f32};
     use crate::convert;
     use crate::mm_config::MultimodalKind;
 
@@ -271,7 +276,7 @@ mod tests {
         for kind in [MultimodalKind::Preop, MultimodalKind::Postop] {
             for cfg in [tiny(kind), MultimodalConfig::new(kind, 20)] {
                 let params = init_multimodal_params(&cfg, 1).unwrap();
-                let net = convert::import(MultimodalNet::new(&cfg, &Device::flex()), &params).unwrap();
+                let net = convert::import(MultimodalNet::<Dispatch>::new(&cfg, &flex()), &params).unwrap();
                 let exported = convert::export(&net).unwrap();
                 assert_eq!(exported.layout(), &multimodal_layout(&cfg).unwrap(), "{kind}");
             }
@@ -325,9 +330,10 @@ mod tests {
             let n = params.numel();
             params.values_mut()[..awkward.len()].copy_from_slice(&awkward);
             params.values_mut()[n - awkward.len()..].copy_from_slice(&awkward);
-            for device in [Device::flex(), Device::flex().autodiff()] {
+            for device in [flex(), autodiff(flex())] {
                 let back =
-                    convert::export(&convert::import(MultimodalNet::new(&cfg, &device), &params).unwrap()).unwrap();
+                    convert::export(&convert::import(MultimodalNet::<Dispatch>::new(&cfg, &device), &params).unwrap())
+                        .unwrap();
                 assert_eq!(back.fingerprint(), params.fingerprint());
                 let bits = |p: &ParameterSet| p.values().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&back), bits(&params), "{kind}");
@@ -337,28 +343,34 @@ mod tests {
 
     #[test]
     fn forward_gives_one_logit_and_one_risk_per_patient() {
-        let device = Device::flex();
+        let device = flex();
         for kind in [MultimodalKind::Preop, MultimodalKind::Postop] {
             let cfg = tiny(kind);
-            let net =
-                convert::import(MultimodalNet::new(&cfg, &device), &init_multimodal_params(&cfg, 1).unwrap()).unwrap();
+            let net = convert::import(
+                MultimodalNet::<Dispatch>::new(&cfg, &device),
+                &init_multimodal_params(&cfg, 1).unwrap(),
+            )
+            .unwrap();
             let b = 3;
-            let crops = Tensor::<5>::ones([b, 2, 8, 16, 16], &device);
-            let presence = Tensor::<2>::ones([b, 2], &device);
+            let crops = Tensor::<Dispatch, 5>::ones([b, 2, 8, 16, 16], &device);
+            let presence = Tensor::<Dispatch, 2>::ones([b, 2], &device);
             assert_eq!(net.mri.forward(crops.clone(), presence.clone()).dims(), [b, 8]);
             let slides = kind.uses_wsi().then(|| SlideInput {
                 // Rows 0 and 2 have slides of (padded) 5 patches; row 1 has none.
                 bags: Some((
-                    Tensor::<3>::ones([2, 5, 6], &device),
-                    Tensor::<2, Bool>::from_data(TensorData::new(vec![false; 10], [2, 5]), &device),
-                    Tensor::<2>::from_data(TensorData::new(vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0], [b, 2]), &device),
+                    Tensor::<Dispatch, 3>::ones([2, 5, 6], &device),
+                    Tensor::<Dispatch, 2, Bool>::from_data(TensorData::new(vec![false; 10], [2, 5]), &device),
+                    Tensor::<Dispatch, 2>::from_data(
+                        TensorData::new(vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0], [b, 2]),
+                        &device,
+                    ),
                 )),
-                present: Tensor::<2>::from_data(TensorData::new(vec![1.0, 0.0, 1.0], [b, 1]), &device),
+                present: Tensor::<Dispatch, 2>::from_data(TensorData::new(vec![1.0, 0.0, 1.0], [b, 1]), &device),
             });
-            let input = NetInput { crops, presence, clinical: Tensor::<2>::zeros([b, 4], &device), slides };
+            let input = NetInput { crops, presence, clinical: Tensor::<Dispatch, 2>::zeros([b, 4], &device), slides };
             let out = net.forward(input, None);
             assert_eq!((out.logit.dims(), out.risk.dims()), ([b], [b]));
-            let logits: Vec<f32> = out.logit.try_into_vec_as::<f32>().unwrap();
+            let logits: Vec<f32> = read_f32(out.logit).unwrap();
             assert!(logits.iter().all(|v| v.is_finite()));
             if kind.uses_wsi() {
                 // Same crop and clinical values: only the slide differs between rows.

@@ -21,6 +21,8 @@
 //!
 //! - `config`: [`BackendKind`], [`ClinicalModelConfig`], [`TrainParams`] and their validation.
 //! - `layout`: [`model_layout`] and [`init_params`] (pure Rust).
+//! - `backend`: the one burn backend instantiated (`burn::Dispatch`, device chosen at run time)
+//!   and reading tensors back (internal).
 //! - `net`: the burn module (internal).
 //! - `convert`: module ⇄ [`ParameterSet`] through a `ModuleVisitor` / `ModuleMapper` (internal).
 //! - `train`: [`train_local`] and [`evaluate`].
@@ -40,6 +42,7 @@
 //! - `bench`: [`synthetic_multimodal_site`], [`conv_forward_flops`], [`conv3d_ceiling`] for the
 //!   training benchmark.
 
+mod backend;
 mod bench;
 mod config;
 mod convert;

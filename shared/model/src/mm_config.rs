@@ -55,7 +55,7 @@ pub enum Activation {
 /// MRI branch: a small 3D CNN over the multi-phase tumour crop.
 ///
 /// Each entry of `channels` is one stage `Conv3d(3×3×3, stride 2, padding 1) → GroupNorm(groups) →
-/// activation`; global average pooling (`AdaptiveAvgPool3d` to 1×1×1) follows, then
+/// activation`; global average pooling (the mean over every voxel of each channel) follows, then
 /// `Linear(channels.last + 2·phases → embed) → activation` over the pooled features, the per-phase
 /// crop means and the per-phase presence flags; a missing phase's channel is zeroed (mean 0, flag 0).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

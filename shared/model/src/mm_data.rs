@@ -2,7 +2,8 @@
 
 use std::fmt;
 
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 
 use crate::cox::Survival;
@@ -198,12 +199,12 @@ pub(crate) struct TrainDraws<'a> {
 /// `wsi.max_train_patches`; without, crops are used as given and bags whole.
 ///
 /// The samples must have passed [`MultimodalDataset::validate`] for `cfg`.
-pub(crate) fn build_input(
+pub(crate) fn build_input<B: Backend>(
     cfg: &MultimodalConfig,
     samples: &[&MultimodalSample],
     mut draws: Option<&mut TrainDraws>,
-    device: &Device,
-) -> NetInput {
+    device: &B::Device,
+) -> NetInput<B> {
     let b = samples.len();
     let (phases, per_crop) = (cfg.mri.phases, cfg.mri.crop_len());
     let mut crops = vec![0.0f32; b * per_crop];
@@ -231,9 +232,9 @@ pub(crate) fn build_input(
                 scatter[row * m + j] = 1.0;
             }
             (
-                Tensor::<3>::from_data(TensorData::new(bb.values, [m, bb.n_max, cfg.wsi.features]), device),
-                Tensor::<2, Bool>::from_data(TensorData::new(bb.pad, [m, bb.n_max]), device),
-                Tensor::<2>::from_data(TensorData::new(scatter, [b, m]), device),
+                Tensor::<B, 3>::from_data(TensorData::new(bb.values, [m, bb.n_max, cfg.wsi.features]), device),
+                Tensor::<B, 2, Bool>::from_data(TensorData::new(bb.pad, [m, bb.n_max]), device),
+                Tensor::<B, 2>::from_data(TensorData::new(scatter, [b, m]), device),
             )
         });
         SlideInput { bags, present: Tensor::from_data(TensorData::new(present, [b, 1]), device) }

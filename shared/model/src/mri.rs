@@ -14,10 +14,10 @@
 
 use burn::module::{Initializer, Module};
 use burn::nn::conv::{Conv3d, Conv3dConfig};
-use burn::nn::pool::{AdaptiveAvgPool3d, AdaptiveAvgPool3dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig3d};
+use burn::tensor::Tensor;
 use burn::tensor::activation::{gelu, relu};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::backend::Backend;
 use fedhcc_core::params::TensorSpec;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -30,26 +30,26 @@ const KERNEL: usize = 3;
 
 /// `Conv3d(3×3×3, stride 2, padding 1) → GroupNorm`; the activation is applied by the encoder.
 #[derive(Module, Debug)]
-pub(crate) struct ConvBlock {
-    conv: Conv3d,
-    norm: GroupNorm,
+pub(crate) struct ConvBlock<B: Backend> {
+    conv: Conv3d<B>,
+    norm: GroupNorm<B>,
 }
 
 /// The MRI encoder. Field names give parameter names: `mri.stages.{i}.conv.weight`,
 /// `mri.stages.{i}.conv.bias`, `mri.stages.{i}.norm.gamma`, `mri.stages.{i}.norm.beta`,
-/// `mri.embed.weight`, `mri.embed.bias`.
+/// `mri.embed.weight`, `mri.embed.bias`. The stages' output is average-pooled over all voxels
+/// (a global average pool; it has no parameters).
 #[derive(Module, Debug)]
-pub(crate) struct MriEncoder {
-    stages: Vec<ConvBlock>,
-    pool: AdaptiveAvgPool3d,
-    embed: Linear,
+pub(crate) struct MriEncoder<B: Backend> {
+    stages: Vec<ConvBlock<B>>,
+    embed: Linear<B>,
     #[module(skip)]
     activation: Activation,
 }
 
-impl MriEncoder {
+impl<B: Backend> MriEncoder<B> {
     /// An encoder with lazily initialised zero weights (a parameter set is loaded next).
-    pub(crate) fn new(cfg: &MriConfig, device: &Device) -> Self {
+    pub(crate) fn new(cfg: &MriConfig, device: &B::Device) -> Self {
         let mut c_in = cfg.phases;
         let stages = cfg
             .channels
@@ -67,10 +67,10 @@ impl MriEncoder {
             .collect();
         let embed =
             LinearConfig::new(c_in + 2 * cfg.phases, cfg.embed).with_initializer(Initializer::Zeros).init(device);
-        Self { stages, pool: AdaptiveAvgPool3dConfig::new([1, 1, 1]).init(), embed, activation: cfg.activation }
+        Self { stages, embed, activation: cfg.activation }
     }
 
-    fn act<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    fn act<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self.activation {
             Activation::Relu => relu(x),
             Activation::Gelu => gelu(x),
@@ -82,15 +82,16 @@ impl MriEncoder {
     /// # Shapes
     /// `crops: [batch, phases, depth, height, width]` (missing phases already zero),
     /// `presence: [batch, phases]` (1 present, 0 missing) → `[batch, embed]`.
-    pub(crate) fn forward(&self, crops: Tensor<5>, presence: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn forward(&self, crops: Tensor<B, 5>, presence: Tensor<B, 2>) -> Tensor<B, 2> {
         let [batch, phases, d, h, w] = crops.dims();
         let means = crops.clone().reshape([batch, phases, d * h * w]).mean_dim(2).reshape([batch, phases]);
         let mut h = crops;
         for stage in &self.stages {
             h = self.act(stage.norm.forward(stage.conv.forward(h)));
         }
-        let [_, channels, ..] = h.dims();
-        let pooled = self.pool.forward(h).reshape([batch, channels]);
+        // Global average pool: the mean over every voxel of each channel.
+        let [_, channels, pd, ph, pw] = h.dims();
+        let pooled = h.reshape([batch, channels, pd * ph * pw]).mean_dim(2).reshape([batch, channels]);
         self.act(self.embed.forward(Tensor::cat(vec![pooled, means, presence], 1)))
     }
 }

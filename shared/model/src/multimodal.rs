@@ -9,14 +9,16 @@
 
 use std::fmt;
 
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use fedhcc_core::params::ParameterSet;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use crate::backend::{Dispatch, autodiff, read_f32, read_scalar};
 use crate::config::{BackendKind, TrainParams};
 use crate::convert;
 use crate::cox::{CoxTerms, Survival, concordance_index, cox_partial_nll};
@@ -216,9 +218,9 @@ fn predict(
     backend: BackendKind,
 ) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
     let device = backend.device();
-    let model = convert::import(MultimodalNet::new(cfg, &device), params).map_err(|m| layout_bug(backend, m))?;
-    let read =
-        |t: Tensor<1>| t.try_into_vec_as::<f32>().map_err(|e| ModelError::Backend { backend, message: e.to_string() });
+    let model =
+        convert::import(MultimodalNet::<Dispatch>::new(cfg, &device), params).map_err(|m| layout_bug(backend, m))?;
+    let read = |t: Tensor<Dispatch, 1>| read_f32(t).map_err(|message| ModelError::Backend { backend, message });
     let (mut logits, mut risks) = (Vec::with_capacity(data.len()), Vec::with_capacity(data.len()));
     for chunk in data.samples().chunks(EVAL_BATCH) {
         let refs: Vec<&MultimodalSample> = chunk.iter().collect();
@@ -230,7 +232,12 @@ fn predict(
 }
 
 /// Weighted BCE on logits, averaged over the labelled patients of the batch; `None` without labels.
-fn bce_term(logit: Tensor<1>, samples: &[&MultimodalSample], pos_weight: f64, device: &Device) -> Option<Tensor<1>> {
+fn bce_term<B: Backend>(
+    logit: Tensor<B, 1>,
+    samples: &[&MultimodalSample],
+    pos_weight: f64,
+    device: &B::Device,
+) -> Option<Tensor<B, 1>> {
     let labelled = samples.iter().filter(|s| s.label.is_some()).count();
     if labelled == 0 {
         return None;
@@ -245,22 +252,22 @@ fn bce_term(logit: Tensor<1>, samples: &[&MultimodalSample], pos_weight: f64, de
         })
         .collect();
     let n = samples.len();
-    let y = Tensor::<1>::from_data(TensorData::new(y, [n]), device);
-    let w = Tensor::<1>::from_data(TensorData::new(w, [n]), device);
+    let y = Tensor::<B, 1>::from_data(TensorData::new(y, [n]), device);
+    let w = Tensor::<B, 1>::from_data(TensorData::new(w, [n]), device);
     // softplus(z) − z·y = max(z, 0) − z·y + log(1 + e^{−|z|}), stable for any z.
     let per = logit.clone().clamp_min(0.0) - logit.clone() * y + logit.abs().neg().exp().log1p();
     Some((per * w).sum().div_scalar(labelled as f64))
 }
 
 /// The batch objective, or `None` when the batch has no term with a positive weight.
-fn objective(
+fn objective<B: Backend>(
     cfg: &MultimodalConfig,
-    logit: Tensor<1>,
-    risk: Tensor<1>,
+    logit: Tensor<B, 1>,
+    risk: Tensor<B, 1>,
     samples: &[&MultimodalSample],
     pos_weight: f64,
-    device: &Device,
-) -> Option<Tensor<1>> {
+    device: &B::Device,
+) -> Option<Tensor<B, 1>> {
     let bce = (cfg.loss.bce_weight > 0.0)
         .then(|| bce_term(logit, samples, pos_weight, device))
         .flatten()
@@ -305,18 +312,17 @@ fn objective_f64(
 }
 
 /// Every float parameter, flattened, in visiting order (for the FedProx distance).
-#[derive(Default)]
-struct Flatten(Vec<Tensor<1>>);
+struct Flatten<B: Backend>(Vec<Tensor<B, 1>>);
 
-impl ModuleVisitor for Flatten {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+impl<B: Backend> ModuleVisitor<B> for Flatten<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         self.0.push(param.val().flatten::<1>(0, D - 1));
     }
 }
 
 /// `‖w − anchor‖²` over every parameter.
-fn squared_distance(model: &MultimodalNet, anchor: &MultimodalNet) -> Option<Tensor<1>> {
-    let (mut a, mut b) = (Flatten::default(), Flatten::default());
+fn squared_distance<B: Backend>(model: &MultimodalNet<B>, anchor: &MultimodalNet<B>) -> Option<Tensor<B, 1>> {
+    let (mut a, mut b) = (Flatten(Vec::new()), Flatten(Vec::new()));
     model.visit(&mut a);
     anchor.visit(&mut b);
     a.0.into_iter().zip(b.0).map(|(w, g)| (w - g).square().sum()).reduce(|x, y| x + y)
@@ -340,10 +346,12 @@ fn train_on(
     } else {
         (labelled - positives) as f64 / positives as f64
     });
-    let device = backend.device().autodiff();
-    let mut model = convert::import(MultimodalNet::new(cfg, &device), global).map_err(|m| layout_bug(backend, m))?;
+    let device = autodiff(backend.device());
+    let mut model =
+        convert::import(MultimodalNet::<Dispatch>::new(cfg, &device), global).map_err(|m| layout_bug(backend, m))?;
     let anchor = if tp.prox_mu > 0.0 {
-        Some(convert::import(MultimodalNet::new(cfg, &device).no_grad(), global).map_err(|m| layout_bug(backend, m))?)
+        let anchor = MultimodalNet::<Dispatch>::new(cfg, &device).no_grad();
+        Some(convert::import(anchor, global).map_err(|m| layout_bug(backend, m))?)
     } else {
         None
     };
@@ -381,8 +389,7 @@ fn train_on(
             let out = model.forward(input, Some(&mut dropout_rng));
             let mut batch_loss = None;
             if let Some(obj) = objective(cfg, out.logit, out.risk, &samples, pos_weight, &device) {
-                let value =
-                    f64::from(obj.clone().detach().try_into_scalar::<f32>().map_err(|e| backend_err(e.to_string()))?);
+                let value = f64::from(read_scalar(obj.clone().detach()).map_err(backend_err)?);
                 if !value.is_finite() {
                     return Err(ModelError::NonFiniteLoss { epoch: epoch + 1 });
                 }

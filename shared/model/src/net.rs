@@ -4,7 +4,8 @@ use burn::module::Initializer;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::relu;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -13,15 +14,15 @@ use crate::config::ClinicalModelConfig;
 /// The multilayer perceptron. Its field and layer names give the parameter names
 /// (`layers.{i}.weight`, `layers.{i}.bias`), so renaming anything here changes the layout.
 #[derive(Module, Debug)]
-pub(crate) struct Mlp {
-    layers: Vec<Linear>,
+pub(crate) struct Mlp<B: Backend> {
+    layers: Vec<Linear<B>>,
 }
 
-impl Mlp {
+impl<B: Backend> Mlp<B> {
     /// A model of the given shape on `device`, with lazily initialised zero weights: every caller
     /// loads a [`ParameterSet`](fedhcc_core::params::ParameterSet) into it next, so burn's RNG is
     /// never consulted and the values never materialise.
-    pub(crate) fn new(cfg: &ClinicalModelConfig, device: &Device) -> Self {
+    pub(crate) fn new(cfg: &ClinicalModelConfig, device: &B::Device) -> Self {
         let layers = cfg
             .layer_dims()
             .into_iter()
@@ -34,7 +35,7 @@ impl Mlp {
     ///
     /// # Shapes
     /// `x: [batch, inputs]` → `[batch]`.
-    pub(crate) fn forward(&self, x: Tensor<2>, mut dropout: Option<&mut DropoutMasks>) -> Tensor<1> {
+    pub(crate) fn forward(&self, x: Tensor<B, 2>, mut dropout: Option<&mut DropoutMasks>) -> Tensor<B, 1> {
         let last = self.layers.len().saturating_sub(1);
         let mut h = x;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -43,7 +44,7 @@ impl Mlp {
                 h = relu(h);
                 if let Some(masks) = dropout.as_deref_mut() {
                     let [rows, cols] = h.dims();
-                    let mask = masks.next(rows, cols, &h.device());
+                    let mask = masks.next::<B>(rows, cols, &h.device());
                     h = h * mask;
                 }
             }
@@ -56,9 +57,9 @@ impl Mlp {
     ///
     /// # Shapes
     /// `→ [1]`.
-    pub(crate) fn squared_distance(&self, anchor: &Mlp) -> Option<Tensor<1>> {
-        let mut total: Option<Tensor<1>> = None;
-        let mut add = |t: Tensor<1>| {
+    pub(crate) fn squared_distance(&self, anchor: &Mlp<B>) -> Option<Tensor<B, 1>> {
+        let mut total: Option<Tensor<B, 1>> = None;
+        let mut add = |t: Tensor<B, 1>| {
             total = Some(match total.take() {
                 Some(s) => s + t,
                 None => t,
@@ -91,7 +92,7 @@ impl DropoutMasks {
         Self { rng, keep: 1.0 - prob }
     }
 
-    fn next(&mut self, rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    fn next<B: Backend>(&mut self, rows: usize, cols: usize, device: &B::Device) -> Tensor<B, 2> {
         let scale = (1.0 / self.keep) as f32;
         let values: Vec<f32> =
             (0..rows * cols).map(|_| if self.rng.random::<f64>() < self.keep { scale } else { 0.0 }).collect();

@@ -59,9 +59,11 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use burn::module::{Module, ModuleVisitor, Param};
-    use burn::tensor::{Device, Tensor};
+    use burn::tensor::Tensor;
+    use burn::tensor::backend::Backend;
 
     use super::*;
+    use crate::backend::{Dispatch, flex};
     use crate::config::ClinicalModelConfig;
     use crate::fusion::{MultimodalNet, init_multimodal_params, tiny};
     use crate::layout::init_params;
@@ -78,7 +80,7 @@ mod tests {
         found: Vec<(TensorSpec, String)>,
     }
 
-    impl ModuleVisitor for Containers {
+    impl<B: Backend> ModuleVisitor<B> for Containers {
         fn enter_module(&mut self, name: &str, container_type: &str) {
             self.path.push(name.to_string());
             self.stack.push(container_type.to_string());
@@ -89,7 +91,7 @@ mod tests {
             self.stack.pop();
         }
 
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let owner = self.stack.iter().rev().find(|c| c.starts_with("Struct:")).cloned().unwrap_or_default();
             let spec = TensorSpec { name: self.path.join("."), shape: param.lazy_shape().as_slice().to_vec() };
             self.found.push((spec, owner));
@@ -114,7 +116,7 @@ mod tests {
         }
     }
 
-    fn containers<M: Module>(module: &M) -> Vec<(TensorSpec, String)> {
+    fn containers<B: Backend, M: Module<B>>(module: &M) -> Vec<(TensorSpec, String)> {
         let mut v = Containers::default();
         module.visit(&mut v);
         v.found
@@ -122,7 +124,7 @@ mod tests {
 
     #[test]
     fn the_rule_is_burn_stores_pytorch_adapter_on_every_model() {
-        let device = Device::flex();
+        let device = flex();
         let mut owners = std::collections::BTreeSet::new();
         let mut check = |found: Vec<(TensorSpec, String)>, layout: &fedhcc_core::params::Layout| {
             let specs: Vec<&TensorSpec> = found.iter().map(|(s, _)| s).collect();
@@ -134,13 +136,13 @@ mod tests {
         };
         for hidden in [vec![], vec![8], vec![5, 3]] {
             let cfg = ClinicalModelConfig { inputs: 6, hidden, dropout: 0.0 };
-            let mlp = convert::import(Mlp::new(&cfg, &device), &init_params(&cfg, 1)).unwrap();
+            let mlp = convert::import(Mlp::<Dispatch>::new(&cfg, &device), &init_params(&cfg, 1)).unwrap();
             check(containers(&mlp), &model_layout(&cfg).unwrap());
         }
         for kind in [MultimodalKind::Preop, MultimodalKind::Postop] {
             for cfg in [tiny(kind), MultimodalConfig::new(kind, 20)] {
                 let params = init_multimodal_params(&cfg, 1).unwrap();
-                let net = convert::import(MultimodalNet::new(&cfg, &device), &params).unwrap();
+                let net = convert::import(MultimodalNet::<Dispatch>::new(&cfg, &device), &params).unwrap();
                 check(containers(&net), &multimodal_layout(&cfg).unwrap());
             }
         }

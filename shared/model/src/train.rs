@@ -3,15 +3,17 @@
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use burn::module::Module;
-use burn::nn::loss::BinaryCrossEntropyLossConfig;
-use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::activation::log_sigmoid;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use fedhcc_core::params::ParameterSet;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use crate::backend::{Device, Dispatch, autodiff, read_f32, read_scalar};
 use crate::config::{BackendKind, ClinicalModelConfig, TrainParams};
 use crate::convert;
 use crate::error::ModelError;
@@ -155,14 +157,14 @@ pub fn evaluate(
     check_inputs(cfg, params, data)?;
     let logits = guarded(backend, || {
         let device = backend.device();
-        let model = convert::import(Mlp::new(cfg, &device), params).map_err(|m| layout_bug(backend, m))?;
+        let model = convert::import(Mlp::<Dispatch>::new(cfg, &device), params).map_err(|m| layout_bug(backend, m))?;
         let mut logits = Vec::with_capacity(data.n);
         for start in (0..data.n).step_by(EVAL_CHUNK_ROWS) {
             let rows = EVAL_CHUNK_ROWS.min(data.n - start);
             let x = &data.x[start * data.d..(start + rows) * data.d];
-            let x = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [rows, data.d]), &device);
-            let out = model.forward(x, None).try_into_vec_as::<f32>();
-            logits.extend(out.map_err(|e| ModelError::Backend { backend, message: e.to_string() })?);
+            let x = Tensor::<Dispatch, 2>::from_data(TensorData::new(x.to_vec(), [rows, data.d]), &device);
+            let out = read_f32(model.forward(x, None));
+            logits.extend(out.map_err(|message| ModelError::Backend { backend, message })?);
         }
         Ok(logits)
     })?;
@@ -176,11 +178,10 @@ impl BackendKind {
     /// The burn device for this backend (without autodiff).
     pub(crate) fn device(self) -> Device {
         match self {
-            BackendKind::Flex => Device::flex(),
-            #[allow(deprecated)] // kept selectable on purpose; see `BackendKind::Ndarray`
-            BackendKind::Ndarray => Device::ndarray(),
+            BackendKind::Flex => crate::backend::flex(),
+            BackendKind::Ndarray => Device::NdArray(burn::backend::ndarray::NdArrayDevice::Cpu),
             #[cfg(feature = "cuda")]
-            BackendKind::Cuda => Device::cuda(0),
+            BackendKind::Cuda => Device::Cuda(burn::backend::cuda::CudaDevice { index: 0 }),
         }
     }
 }
@@ -230,19 +231,18 @@ fn train_on(
     } else {
         (data.n - positives) as f64 / positives as f64
     });
-    let device = backend.device().autodiff();
-    let mut model = convert::import(Mlp::new(cfg, &device), global).map_err(|m| layout_bug(backend, m))?;
+    let device = autodiff(backend.device());
+    let mut model = convert::import(Mlp::<Dispatch>::new(cfg, &device), global).map_err(|m| layout_bug(backend, m))?;
     // The FedProx anchor: the global weights as constants (no gradient) on the same device.
     let anchor = if tp.prox_mu > 0.0 {
-        Some(convert::import(Mlp::new(cfg, &device).no_grad(), global).map_err(|m| layout_bug(backend, m))?)
+        Some(
+            convert::import(Mlp::<Dispatch>::new(cfg, &device).no_grad(), global)
+                .map_err(|m| layout_bug(backend, m))?,
+        )
     } else {
         None
     };
     let mut optim = AdamWConfig::new().with_weight_decay(tp.weight_decay as f32).init();
-    let loss_fn = BinaryCrossEntropyLossConfig::new()
-        .with_logits(true)
-        .with_weights(Some(vec![1.0, pos_weight as f32]))
-        .init(&device);
     let mut shuffle_rng = ChaCha8Rng::seed_from_u64(tp.seed);
     let mut dropout = (cfg.dropout > 0.0).then(|| DropoutMasks::new(tp.seed, DROPOUT_STREAM, cfg.dropout));
     let batch_size = tp.batch_size.min(data.n);
@@ -253,16 +253,18 @@ fn train_on(
     for epoch in 1..=tp.epochs {
         order.shuffle(&mut shuffle_rng);
         // Summed on the device and read once per epoch: a read per step would sync every step.
-        let mut loss_sum: Option<Tensor<1>> = None;
+        let mut loss_sum: Option<Tensor<Dispatch, 1>> = None;
         for rows in order.chunks(batch_size) {
             if cancel() {
                 return Err(ModelError::Cancelled);
             }
             let xb: Vec<f32> = rows.iter().flat_map(|&r| &data.x[r * data.d..(r + 1) * data.d]).copied().collect();
-            let yb: Vec<i64> = rows.iter().map(|&r| data.y[r] as i64).collect();
-            let x = Tensor::<2>::from_data(TensorData::new(xb, [rows.len(), data.d]), &device);
-            let y = Tensor::<1, Int>::from_data(TensorData::new(yb, [rows.len()]), &device);
-            let bce = loss_fn.forward(model.forward(x, dropout.as_mut()), y);
+            let yb: Vec<f32> = rows.iter().map(|&r| data.y[r]).collect();
+            let wb: Vec<f32> = yb.iter().map(|&y| if y == 1.0 { pos_weight as f32 } else { 1.0 }).collect();
+            let x = Tensor::<Dispatch, 2>::from_data(TensorData::new(xb, [rows.len(), data.d]), &device);
+            let y = Tensor::<Dispatch, 1>::from_data(TensorData::new(yb, [rows.len()]), &device);
+            let w = Tensor::<Dispatch, 1>::from_data(TensorData::new(wb, [rows.len()]), &device);
+            let bce = weighted_bce(model.forward(x, dropout.as_mut()), y, w);
             let loss = match anchor.as_ref().and_then(|a| model.squared_distance(a)) {
                 Some(dist) => bce.clone() + dist.mul_scalar(tp.prox_mu / 2.0),
                 None => bce.clone(),
@@ -277,7 +279,7 @@ fn train_on(
             });
         }
         let sum = match loss_sum {
-            Some(sum) => sum.try_into_scalar::<f32>().map_err(|e| backend_err(e.to_string()))?,
+            Some(sum) => read_scalar(sum).map_err(backend_err)?,
             None => f32::NAN,
         };
         train_loss = f64::from(sum) / data.n as f64;
@@ -293,6 +295,19 @@ fn train_on(
         return Err(ModelError::NonFiniteLoss { epoch: tp.epochs });
     }
     Ok(TrainOutcome { params, samples: data.n, train_loss, steps })
+}
+
+/// Class-weighted binary cross-entropy on logits, averaged over the rows: `mean(w · [(1−y)·z −
+/// log σ(z)])`, the formula of burn's `BinaryCrossEntropyLoss` with logits and class weights. The
+/// labels and per-row weights `w` are built on the host as float tensors: burn 0.21's loss takes
+/// integer labels and converts them with `Tensor::float`, which on an autodiff `Dispatch` device
+/// returns a tensor without the autodiff wrapping, so multiplying it with the logits panics ("The
+/// provided tensors are not on the same backend").
+///
+/// # Shapes
+/// `logits, y, w: [rows]` → `[1]`.
+fn weighted_bce<B: Backend>(logits: Tensor<B, 1>, y: Tensor<B, 1>, w: Tensor<B, 1>) -> Tensor<B, 1> {
+    (((y.neg() + 1.0) * logits.clone() - log_sigmoid(logits)) * w).mean()
 }
 
 /// `−[y·log σ(z) + (1−y)·log(1−σ(z))]`, stable for any `z`.

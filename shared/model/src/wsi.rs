@@ -11,7 +11,8 @@
 use burn::module::{Initializer, Module};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::{relu, sigmoid, softmax, tanh};
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -41,16 +42,16 @@ impl std::fmt::Debug for PatchBag {
 /// The gated-attention MIL encoder. Parameter names: `wsi.patch.*`, `wsi.attention_v.*`,
 /// `wsi.attention_u.*`, `wsi.attention_w.*` (`weight`, `bias`).
 #[derive(Module, Debug)]
-pub(crate) struct WsiEncoder {
-    patch: Linear,
-    attention_v: Linear,
-    attention_u: Linear,
-    attention_w: Linear,
+pub(crate) struct WsiEncoder<B: Backend> {
+    patch: Linear<B>,
+    attention_v: Linear<B>,
+    attention_u: Linear<B>,
+    attention_w: Linear<B>,
 }
 
-impl WsiEncoder {
+impl<B: Backend> WsiEncoder<B> {
     /// An encoder with lazily initialised zero weights (a parameter set is loaded next).
-    pub(crate) fn new(cfg: &WsiConfig, device: &Device) -> Self {
+    pub(crate) fn new(cfg: &WsiConfig, device: &B::Device) -> Self {
         let lin = |i, o| LinearConfig::new(i, o).with_initializer(Initializer::Zeros).init(device);
         Self {
             patch: lin(cfg.features, cfg.hidden),
@@ -65,7 +66,7 @@ impl WsiEncoder {
     /// # Shapes
     /// `bags: [m, n, features]`, `pad: [m, n]` (true = padding) → `([m, n, hidden], [m, n])`; each
     /// row of the weights sums to 1 over its real patches and is 0 on padding.
-    pub(crate) fn attend(&self, bags: Tensor<3>, pad: Tensor<2, Bool>) -> (Tensor<3>, Tensor<2>) {
+    pub(crate) fn attend(&self, bags: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> (Tensor<B, 3>, Tensor<B, 2>) {
         let [m, n, _] = bags.dims();
         let h = relu(self.patch.forward(bags));
         let gate = tanh(self.attention_v.forward(h.clone())) * sigmoid(self.attention_u.forward(h.clone()));
@@ -77,7 +78,7 @@ impl WsiEncoder {
     ///
     /// # Shapes
     /// `bags: [m, n, features]`, `pad: [m, n]` → `[m, hidden]`.
-    pub(crate) fn forward(&self, bags: Tensor<3>, pad: Tensor<2, Bool>) -> Tensor<2> {
+    pub(crate) fn forward(&self, bags: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
         let (h, weights) = self.attend(bags, pad);
         let [m, n, hidden] = h.dims();
         weights.reshape([m, 1, n]).matmul(h).reshape([m, hidden])
@@ -249,6 +250,7 @@ mod tests {
     use rand::SeedableRng;
 
     use super::*;
+    use crate::backend::{Dispatch, flex, read_f32};
     use crate::convert;
     use crate::fusion::init_tensors;
 
@@ -279,25 +281,25 @@ mod tests {
     #[test]
     fn attention_ignores_padding_and_sums_to_one() {
         let cfg = WsiConfig { features: 3, hidden: 4, attention: 2, max_train_patches: 8 };
-        let device = Device::flex();
+        let device = flex();
         let params = init_tensors(&wsi_params(&cfg, ""), 9).unwrap();
-        let enc = convert::import(WsiEncoder::new(&cfg, &device), &params).unwrap();
+        let enc = convert::import(WsiEncoder::<Dispatch>::new(&cfg, &device), &params).unwrap();
         // Bag 0 has 2 real patches, bag 1 has 3; the padded slot of bag 0 holds large garbage.
         let values = vec![0.1, 0.2, 0.3, -0.4, 0.5, 0.6, 50.0, 50.0, 50.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
-        let bags = Tensor::<3>::from_data(TensorData::new(values.clone(), [2, 3, 3]), &device);
-        let pad = Tensor::<2, Bool>::from_data(
+        let bags = Tensor::<Dispatch, 3>::from_data(TensorData::new(values.clone(), [2, 3, 3]), &device);
+        let pad = Tensor::<Dispatch, 2, Bool>::from_data(
             TensorData::new(vec![false, false, true, false, false, false], [2, 3]),
             &device,
         );
         let (_, w) = enc.attend(bags.clone(), pad.clone());
-        let w: Vec<f32> = w.try_into_vec_as::<f32>().unwrap();
+        let w: Vec<f32> = read_f32(w).unwrap();
         assert_eq!(w[2], 0.0);
         assert!((w[0] + w[1] - 1.0).abs() < 1e-6 && (w[3] + w[4] + w[5] - 1.0).abs() < 1e-6);
         // The padded bag's embedding equals that of the same bag given alone, unpadded.
-        let emb: Vec<f32> = enc.forward(bags, pad).try_into_vec_as::<f32>().unwrap();
-        let alone = Tensor::<3>::from_data(TensorData::new(values[..6].to_vec(), [1, 2, 3]), &device);
-        let no_pad = Tensor::<2, Bool>::from_data(TensorData::new(vec![false, false], [1, 2]), &device);
-        let single: Vec<f32> = enc.forward(alone, no_pad).try_into_vec_as::<f32>().unwrap();
+        let emb: Vec<f32> = read_f32(enc.forward(bags, pad)).unwrap();
+        let alone = Tensor::<Dispatch, 3>::from_data(TensorData::new(values[..6].to_vec(), [1, 2, 3]), &device);
+        let no_pad = Tensor::<Dispatch, 2, Bool>::from_data(TensorData::new(vec![false, false], [1, 2]), &device);
+        let single: Vec<f32> = read_f32(enc.forward(alone, no_pad)).unwrap();
         for (a, b) in emb[..4].iter().zip(&single) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
