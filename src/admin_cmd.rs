@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use fedhcc_core::config::load_admin;
 use fedhcc_core::params::ParameterSet;
 use fedhcc_proto as pb;
-use sha2::Digest;
+use fedhcc_proto::chunks::ChunkReceiver;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -125,29 +125,18 @@ async fn export(
     let mut file = std::io::BufWriter::new(
         std::fs::File::create(&tmp.0).with_context(|| format!("creating {}", tmp.0.display()))?,
     );
-    let mut hasher = sha2::Sha256::new();
-    let mut received = 0u64;
+    let mut receiver = ChunkReceiver::new(header.total_bytes, None);
     while let Some(part) = stream.message().await.context("receiving the model")? {
         let Some(pb::export_part::Part::Chunk(chunk)) = part.part else {
             bail!("a second header arrived inside the model");
         };
-        received += chunk.len() as u64;
-        if chunk.len() > fedhcc_proto::MAX_CHUNK_BYTES || received > header.total_bytes {
-            bail!("the server sent more than the {} bytes it announced", header.total_bytes);
-        }
-        hasher.update(&chunk);
+        receiver.accept(&chunk).map_err(|e| anyhow::anyhow!("the model transfer was refused: {e}"))?;
         file.write_all(&chunk).with_context(|| format!("writing into {}", dir.display()))?;
     }
     let file = file.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.0.display()))?;
     file.sync_all().with_context(|| format!("writing {}", tmp.0.display()))?;
     drop(file);
-    if received != header.total_bytes {
-        bail!("the transfer ended after {received} of {} bytes; try again", header.total_bytes);
-    }
-    let sha = hex_digest(hasher);
-    if sha != header.sha256 {
-        bail!("the model received has SHA-256 {sha}, the server announced {}; try again", header.sha256);
-    }
+    receiver.finish(&header.sha256).map_err(|e| anyhow::anyhow!("the model transfer was refused: {e}; try again"))?;
     let params = crate::export::read_checkpoint(&tmp.0)?;
     if params.fingerprint().to_hex() != header.model_fingerprint {
         bail!("the model's layout differs from the one the server announced");
@@ -179,10 +168,6 @@ impl Drop for PartFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-fn hex_digest(h: sha2::Sha256) -> String {
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The same file as `fedhcc export` writes ([`crate::model_file`]), with what the server's header

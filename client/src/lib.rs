@@ -293,14 +293,7 @@ impl<E: Executor> Runner<E> {
 
     /// Records a received task event (heartbeats carry no task data and are not recorded).
     fn audit_event(&mut self, ev: &pb::TaskEvent) -> Result<(), ClientError> {
-        use pb::task_event::Event;
-        let (kind, t) = match &ev.event {
-            Some(Event::Train(t)) => ("task_train", t.task.as_ref()),
-            Some(Event::Evaluate(t)) => ("task_evaluate", t.task.as_ref()),
-            Some(Event::Statistics(t)) => ("task_statistics", t.task.as_ref()),
-            Some(Event::Finished(_)) => ("finished", None),
-            Some(Event::Heartbeat(_)) | None => return Ok(()),
-        };
+        let Some((kind, t)) = ev.audit_kind() else { return Ok(()) };
         let (task, round) = t.map(|t| (t.task_id.as_str(), t.round)).unwrap_or(("", 0));
         self.audit.record(Direction::Received, task, round, kind, &ev.encode_to_vec())?;
         Ok(())

@@ -10,9 +10,9 @@ use fedhcc_core::params::{ParameterSet, PayloadReader, sha256_hex};
 use fedhcc_core::pki::{ClientTlsFiles, PkiError};
 use fedhcc_proto as pb;
 use fedhcc_proto::MAX_CHUNK_BYTES;
+use fedhcc_proto::chunks::{ChunkError, ChunkReceiver};
 use pb::admin_client::AdminClient;
 use pb::federation_client::FederationClient;
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::codegen::http::Uri;
@@ -170,17 +170,13 @@ pub async fn download_digest(
     // Decoded as it arrives, straight into the model's values: one model-sized allocation.
     let mut reader = PayloadReader::new();
     let mut values: Vec<f32> = Vec::with_capacity(total / 4);
-    let mut received = 0usize;
-    let mut hasher = Sha256::new();
+    let mut receiver = ChunkReceiver::new(header.total_bytes, None);
+    let damaged = |e: ChunkError| TransportError::Damaged(format!("the model download was refused: {e}"));
     while let Some(part) = stream.message().await? {
         let Some(pb::model_part::Part::Chunk(c)) = part.part else {
             return Err(TransportError::Damaged("a second header inside the download".into()));
         };
-        if c.len() > MAX_CHUNK_BYTES || received + c.len() > total {
-            return Err(TransportError::Damaged("the download is longer than announced".into()));
-        }
-        received += c.len();
-        hasher.update(&c);
+        receiver.accept(&c).map_err(damaged)?;
         reader
             .push(&c, |off, vals| {
                 debug_assert_eq!(off, values.len());
@@ -188,14 +184,7 @@ pub async fn download_digest(
             })
             .map_err(|e| TransportError::Damaged(e.to_string()))?;
     }
-    if received != total {
-        return Err(TransportError::Damaged(format!("received {received} of {total} bytes")));
-    }
-    let digest: [u8; 32] = hasher.finalize().into();
-    let got = hex::encode(digest);
-    if got != header.sha256 {
-        return Err(TransportError::Damaged(format!("SHA-256 {got} differs from the announced {}", header.sha256)));
-    }
+    let digest = receiver.finish(&header.sha256).map_err(damaged)?;
     reader.finish().map_err(|e| TransportError::Damaged(e.to_string()))?;
     let layout = reader.layout().cloned().ok_or_else(|| TransportError::Damaged("no model header".into()))?;
     let params = ParameterSet::new(layout, values).map_err(|e| TransportError::Damaged(e.to_string()))?;

@@ -519,7 +519,7 @@ pub fn dashboard_json(shared: &Shared) -> serde_json::Value {
         "evaluations": evaluations,
         "pooled_evaluations": pooled_evaluations,
         "events": shared.events.recent(),
-        "cross_center": shared.spool_dir.parent().map_or(serde_json::Value::Null, cross_center::dashboard_value),
+        "cross_center": cross_center::dashboard_value(&shared.state_dir),
         // Secure aggregation and DP (ε spent, budget, last aborted attempt); null when neither is on.
         "privacy": if f.secure_aggregation || f.dp.is_some() {
             crate::privacy::status_json(Some(&crate::privacy::status(shared)))

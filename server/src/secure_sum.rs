@@ -10,6 +10,7 @@
 //! update in the clear.
 
 use crate::coordinator::{SiteResult, Task};
+use crate::spool::{Answer, Spool};
 use crate::strategy::{StrategyError, UpdateBlocks, UpdateSource};
 use fedhcc_core::config::StudyConfig;
 use fedhcc_core::params::Layout;
@@ -17,17 +18,11 @@ use fedhcc_core::privacy;
 use fedhcc_secure::secagg::SumAccumulator;
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::Path;
 
 /// Values folded or decoded at a time.
 const BLOCK_WORDS: usize = 8192;
 /// What errors name as the "site" of the decoded sum.
 const SUM_NAME: &str = "secure sum";
-
-/// The path of a site's spooled masked update in a task's spool folder.
-pub fn masked_spool_path(task_spool: &Path, site: &str) -> std::path::PathBuf {
-    task_spool.join(format!("{site}.msk"))
-}
 
 /// The decoded sum of a round's masked updates, readable as one update (the weighted mean delta).
 #[derive(Debug)]
@@ -44,7 +39,7 @@ fn err(message: String) -> StrategyError {
 }
 
 impl SecureSum {
-    /// Folds the spooled masked update of every member of `task`'s roster (from `task_spool`) into
+    /// Folds the spooled masked update of every member of `task`'s roster (from `spool`) into
     /// one sum of `layout`'s length.
     ///
     /// # Errors
@@ -54,7 +49,7 @@ impl SecureSum {
         study: &StudyConfig,
         task: &Task,
         results: &BTreeMap<String, SiteResult>,
-        task_spool: &Path,
+        spool: &Spool,
         layout: &Layout,
     ) -> Result<Self, StrategyError> {
         let keys = task.roster.as_ref().ok_or_else(|| err(format!("task {} has no roster", task.id)))?;
@@ -72,7 +67,7 @@ impl SecureSum {
             let r = results.get(site).ok_or_else(|| err(format!("roster member {site} has no accepted update")))?;
             total_weight = total_weight.saturating_add(privacy::encoding_weight(dp, r.samples));
             samples = samples.saturating_add(r.samples);
-            let path = masked_spool_path(task_spool, site);
+            let path = spool.answer(&task.id, site, Answer::Masked);
             let site_err = |m: String| StrategyError::Update { site: site.into(), message: m };
             let mut f = std::fs::File::open(&path).map_err(|e| site_err(format!("{}: {e}", path.display())))?;
             let size = f.metadata().map_err(|e| site_err(format!("{}: {e}", path.display())))?.len();
@@ -163,6 +158,7 @@ mod tests {
     use crate::coordinator::TaskKind;
     use crate::strategy::{FedAvg, MemoryUpdate, OptimizerRule, ServerOptimizer, Strategy};
     use fedhcc_core::params::ParameterSet;
+    use std::path::Path;
     use fedhcc_secure::secagg::{FixedPoint, Masker, RoundKeys, words_to_le_bytes};
     use rand::SeedableRng;
 
@@ -206,7 +202,9 @@ mod tests {
             m.mask_block(0, &mut words).unwrap();
             let mut bytes = Vec::new();
             words_to_le_bytes(&words, &mut bytes);
-            std::fs::write(masked_spool_path(dir, site), bytes).unwrap();
+            let path = Spool::at(dir).answer("r1a1", site, Answer::Masked);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
             results.insert(site.to_string(), SiteResult { samples: *n, metrics: vec![], bytes: 0 });
         }
         (task, results)
@@ -223,7 +221,7 @@ mod tests {
         let (task, results) =
             spool_round(&s, tmp.path(), &[("a", 30, a.clone()), ("b", 90, b.clone()), ("c", 1, c.clone())]);
         let global = ps(vec![1.0; n]);
-        let mut sum = SecureSum::fold(&s, &task, &results, tmp.path(), global.layout()).unwrap();
+        let mut sum = SecureSum::fold(&s, &task, &results, &Spool::at(tmp.path()), global.layout()).unwrap();
         assert_eq!(sum.samples(), 121);
         let secure = FedAvg.aggregate(global.clone(), &mut [&mut sum], &BTreeMap::new()).unwrap();
         let mut ua = MemoryUpdate { site: "a".into(), samples: 30, delta: ps(a) };
@@ -238,7 +236,7 @@ mod tests {
         assert!(worst <= tol, "max difference {worst:e} > {tol:e}");
         // The server optimizers take the same decoded mean as their pseudo-gradient.
         let (task2, results2) = spool_round(&s, tmp.path(), &[("a", 2, vec![0.5; 4]), ("b", 2, vec![-0.25; 4])]);
-        let mut sum = SecureSum::fold(&s, &task2, &results2, tmp.path(), ps(vec![0.0; 4]).layout()).unwrap();
+        let mut sum = SecureSum::fold(&s, &task2, &results2, &Spool::at(tmp.path()), ps(vec![0.0; 4]).layout()).unwrap();
         let mut opt = ServerOptimizer::new(OptimizerRule::Adam, Default::default());
         let out = opt.aggregate(ps(vec![0.0; 4]), &mut [&mut sum], &BTreeMap::new()).unwrap();
         assert!(out.values().iter().all(|v| *v > 0.0), "a step along the mean delta 0.125");
@@ -251,19 +249,19 @@ mod tests {
         let (task, results) = spool_round(&s, tmp.path(), &[("a", 3, vec![0.5; 10]), ("b", 4, vec![-0.5; 10])]);
         let layout = ps(vec![0.0; 10]).layout().clone();
         // One word of b altered (as a lost or forged word would be): the masks no longer cancel.
-        let pb = masked_spool_path(tmp.path(), "b");
+        let pb = Spool::at(tmp.path()).answer("r1a1", "b", Answer::Masked);
         let good = std::fs::read(&pb).unwrap();
         let mut bad = good.clone();
         bad[15] ^= 0x40;
         std::fs::write(&pb, &bad).unwrap();
-        let mut sum = SecureSum::fold(&s, &task, &results, tmp.path(), &layout).unwrap();
+        let mut sum = SecureSum::fold(&s, &task, &results, &Spool::at(tmp.path()), &layout).unwrap();
         let e = FedAvg.aggregate(ps(vec![0.0; 10]), &mut [&mut sum], &BTreeMap::new()).unwrap_err().to_string();
         assert!(e.contains("masks did not cancel"), "{e}");
         std::fs::write(&pb, &good[..72]).unwrap();
-        let e = SecureSum::fold(&s, &task, &results, tmp.path(), &layout).unwrap_err().to_string();
+        let e = SecureSum::fold(&s, &task, &results, &Spool::at(tmp.path()), &layout).unwrap_err().to_string();
         assert!(e.contains("site b") && e.contains("72 bytes"), "{e}");
         std::fs::remove_file(&pb).unwrap();
-        assert!(SecureSum::fold(&s, &task, &results, tmp.path(), &layout).is_err());
+        assert!(SecureSum::fold(&s, &task, &results, &Spool::at(tmp.path()), &layout).is_err());
         let mut only_a = results.clone();
         only_a.remove("b");
         std::fs::write(&pb, &good).unwrap();
@@ -276,7 +274,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let s = study("[federation.dp]\nnoise_multiplier = 1.0\nl2_clip = 1.0\ndelta = 1e-5\n");
         let (task, results) = spool_round(&s, tmp.path(), &[("a", 10, vec![0.3; 5]), ("b", 1000, vec![-0.1; 5])]);
-        let mut sum = SecureSum::fold(&s, &task, &results, tmp.path(), ps(vec![0.0; 5]).layout()).unwrap();
+        let mut sum = SecureSum::fold(&s, &task, &results, &Spool::at(tmp.path()), ps(vec![0.0; 5]).layout()).unwrap();
         let out = FedAvg.aggregate(ps(vec![0.0; 5]), &mut [&mut sum], &BTreeMap::new()).unwrap();
         assert!(out.values().iter().all(|v| (v - 0.1).abs() < 1e-6), "{:?}", out.values());
     }

@@ -8,6 +8,7 @@
 use crate::audit::Entry;
 use crate::coordinator::{Refusal, SiteResult, TaskKind, parse_task_id};
 use crate::metrics::RefusalReason;
+use crate::spool::Answer;
 use crate::state::{Shared, lock};
 use crate::store::EvaluationRecord;
 use fedhcc_core::params::{Layout, ParamsError, PayloadReader};
@@ -110,18 +111,6 @@ fn message_entry(
 ) -> Entry {
     let (task_id, round) = task.map(|t| (t.task_id.as_str(), t.round)).unwrap_or(("", 0));
     Entry::of_bytes(direction, site, task_id, round, kind, &m.encode_to_vec())
-}
-
-/// The audit kind and task reference of a task event.
-fn event_audit(ev: &pb::TaskEvent) -> Option<(&'static str, Option<&pb::TaskRef>)> {
-    use pb::task_event::Event;
-    Some(match ev.event.as_ref()? {
-        Event::Train(t) => ("task_train", t.task.as_ref()),
-        Event::Evaluate(t) => ("task_evaluate", t.task.as_ref()),
-        Event::Statistics(t) => ("task_statistics", t.task.as_ref()),
-        Event::Finished(_) => ("finished", None),
-        Event::Heartbeat(_) => return None,
-    })
 }
 
 impl FederationService {
@@ -342,7 +331,7 @@ impl pb::federation_server::Federation for FederationService {
                 if let Some((id, ev)) = svc.task_event(&site)
                     && last_sent.as_deref() != Some(id.as_str())
                 {
-                    let entry = event_audit(&ev).map(|(kind, t)| message_entry(Direction::Sent, &site, t, kind, &ev));
+                    let entry = ev.audit_kind().map(|(kind, t)| message_entry(Direction::Sent, &site, t, kind, &ev));
                     if tx.send(Ok(ev)).await.is_err() {
                         break;
                     }
@@ -483,10 +472,9 @@ impl pb::federation_server::Federation for FederationService {
             .ok_or_else(|| self.refuse(&site, Status::unavailable("the server is pooling statistics; try again")))?;
         let groups = check_statistics(&r.groups, &g.layout).map_err(|s| self.refuse(&site, s))?;
         // Spooled like an update: the driver pools the files in site order once the task closes.
-        let dir = self.shared.spool_dir.join(&t.task_id);
-        let file = dir.join(format!("{site}.stats"));
+        let file = self.shared.spool.answer(&t.task_id, &site, Answer::Statistics);
         let bytes = standardisation::encode_sums(&groups);
-        let written = tokio::fs::create_dir_all(&dir).await.and(Ok(()));
+        let written = tokio::fs::create_dir_all(self.shared.spool.task_dir(&t.task_id)).await.and(Ok(()));
         if let Err(e) =
             written.and_then(|()| fedhcc_core::pki::write_atomic(&file, &bytes, false).map_err(std::io::Error::other))
         {
@@ -675,30 +663,19 @@ impl FederationService {
         if let secagg::UploadKind::Masked = secagg::upload_kind(&self.shared.study, &h)? {
             return self.receive_masked(site, stream, h, t).await;
         }
-        check_str("model_fingerprint", &h.model_fingerprint)?;
-        check_str("sha256", &h.sha256)?;
-        let metrics = check_metrics(&h.metrics)?;
+        let metrics = transfer::check_header_fields(&h)?;
         lock(&self.shared.coord).check_submission(site, TaskKind::Train, &t.task_id).map_err(|r| refusal_status(&r))?;
         let g = self
             .shared
             .global()
             .ok_or_else(|| Status::unavailable("the server is aggregating; the round has closed"))?;
-        transfer::check_update_layout(&h, &g)?;
         let expected = g.layout.payload_len() as u64;
-        if h.total_bytes != expected {
-            return Err(Status::invalid_argument(format!(
-                "update declares {} bytes; a model of this layout is {expected} bytes",
-                h.total_bytes
-            )));
-        }
-        let want_chunks = transfer::check_update_chunks("update", &h, expected)?;
-        if h.num_samples == 0 || h.num_samples > 1_000_000_000 {
-            return Err(Status::invalid_argument(format!("num_samples = {} (1 to 1e9 allowed)", h.num_samples)));
-        }
+        let counted = format!("a model of this layout is {expected} bytes");
+        let want_chunks = transfer::check_update_header("update", &h, &g, expected, &counted)?;
 
-        let dir = self.shared.spool_dir.join(&t.task_id);
         let check = PayloadCheck { reader: PayloadReader::new(), layout: &g.layout };
-        let file = transfer::spool_upload(&dir, site, "upd", stream, &h, want_chunks, check).await?;
+        let file = transfer::spool_upload(&self.shared.spool, &t.task_id, site, Answer::Update, stream, &h, want_chunks, check)
+            .await?;
         let result = SiteResult { samples: h.num_samples, metrics, bytes: file.bytes };
         let up = transfer::Spooled { task: &t, file, result, sha256: &h.sha256, what: "update" };
         self.commit_upload(site, up, |coord| coord.check_submission(site, TaskKind::Train, &t.task_id)).await

@@ -5,6 +5,7 @@
 use crate::coordinator::{Action, Coordinator, Task, TaskKind};
 use crate::events::{EventKind, EventLog};
 use crate::metrics::{Metrics, RefusalReason};
+use crate::spool::Spool;
 use crate::store::Store;
 use fedhcc_core::config::StudyConfig;
 use fedhcc_core::params::{Fingerprint, Layout};
@@ -78,8 +79,10 @@ pub struct Shared {
     /// the receiver. Unbounded: an action is a small command, at most a few per request, and losing
     /// one (an Aggregate, a Finish) would stall the run; a handler never waits on the driver.
     pub jobs: mpsc::UnboundedSender<Action>,
-    /// Spooled updates: `spool/<task>/<site>.upd`.
-    pub spool_dir: PathBuf,
+    /// The run's state folder (round records, checkpoints, reports).
+    pub state_dir: PathBuf,
+    /// The open task's answers on disk ([`crate::spool`]).
+    pub spool: Spool,
     /// Used from `spawn_blocking` and short handler sections only.
     pub store: Arc<Mutex<Store>>,
     pub bytes_in: AtomicU64,
@@ -310,7 +313,8 @@ pub(crate) fn test_shared(dir: &std::path::Path, jobs: mpsc::UnboundedSender<Act
         sites: Mutex::new(BTreeMap::new()),
         wake: Notify::default(),
         jobs,
-        spool_dir: dir.join("spool"),
+        state_dir: dir.to_path_buf(),
+        spool: Spool::at(dir.join("spool")),
         store: Arc::new(Mutex::new(Store::open(dir, "run-1").expect("a store"))),
         bytes_in: AtomicU64::default(),
         bytes_out: AtomicU64::default(),

@@ -4,6 +4,7 @@
 
 mod admin;
 mod audit;
+mod boundaries;
 mod cross_center;
 mod dashboard;
 mod docs;

@@ -6,8 +6,9 @@
 //! chunking and hash, not for finiteness. It is spooled as `spool/<task>/<site>.msk`; the driver folds
 //! the files of every roster member into one sum and decodes only that ([`crate::secure_sum`]).
 
-use super::{FederationService, check_metrics, check_str, refusal_status, transfer};
+use super::{FederationService, check_str, refusal_status, transfer};
 use crate::coordinator::{RosterKeys, RosterState, SiteResult};
+use crate::spool::Answer;
 use crate::state::lock;
 use fedhcc_core::config::StudyConfig;
 use fedhcc_core::privacy;
@@ -146,9 +147,7 @@ impl FederationService {
         h: pb::UpdateHeader,
         t: pb::TaskRef,
     ) -> Result<pb::UploadReply, Status> {
-        check_str("model_fingerprint", &h.model_fingerprint)?;
-        check_str("sha256", &h.sha256)?;
-        let metrics = check_metrics(&h.metrics)?;
+        let metrics = transfer::check_header_fields(&h)?;
         let roster_keys = {
             let coord = lock(&self.shared.coord);
             coord.check_masked_submission(site, &t.task_id).map_err(|r| refusal_status(&r))?;
@@ -158,22 +157,9 @@ impl FederationService {
             .shared
             .global()
             .ok_or_else(|| Status::unavailable("the server is aggregating; the round has closed"))?;
-        transfer::check_update_layout(&h, &g)?;
         let expected = (g.layout.numel() as u64).saturating_mul(8);
-        if h.total_bytes != expected {
-            return Err(Status::invalid_argument(format!(
-                "masked update declares {} bytes; {} values of 8 bytes are {expected}",
-                h.total_bytes,
-                g.layout.numel()
-            )));
-        }
-        let want_chunks = transfer::check_update_chunks("masked update", &h, expected)?;
-        if h.num_samples == 0 || h.num_samples > MAX_SAMPLES {
-            return Err(Status::invalid_argument(format!(
-                "num_samples = {} (1 to {MAX_SAMPLES} allowed)",
-                h.num_samples
-            )));
-        }
+        let counted = format!("{} values of 8 bytes are {expected}", g.layout.numel());
+        let want_chunks = transfer::check_update_header("masked update", &h, &g, expected, &counted)?;
         let dp = self.shared.study.federation.dp.is_some();
         let weight = privacy::encoding_weight(dp, h.num_samples);
         if h.encoded_weight != weight {
@@ -207,8 +193,9 @@ impl FederationService {
             )));
         }
 
-        let dir = self.shared.spool_dir.join(&t.task_id);
-        let file = transfer::spool_upload(&dir, site, "msk", stream, &h, want_chunks, MaskedWords).await?;
+        let file =
+            transfer::spool_upload(&self.shared.spool, &t.task_id, site, Answer::Masked, stream, &h, want_chunks, MaskedWords)
+                .await?;
         let result = SiteResult { samples: h.num_samples, metrics, bytes: file.bytes };
         let up = transfer::Spooled { task: &t, file, result, sha256: &h.sha256, what: "masked update" };
         self.commit_upload(site, up, |coord| coord.check_masked_submission(site, &t.task_id)).await

@@ -7,14 +7,17 @@
 //! ([`ChunkCheck`]) and in the coordinator's check; a site's model download and the study lead's
 //! export differ only in the message that carries a chunk.
 
-use super::{CHUNK_IDLE_TIMEOUT, FederationService, refusal_status, sha_bytes, spool_error, uuid_like};
+use super::{
+    CHUNK_IDLE_TIMEOUT, FederationService, check_metrics, check_str, refusal_status, sha_bytes, spool_error, uuid_like,
+};
 use crate::audit::Entry;
 use crate::coordinator::{Coordinator, Refusal, SiteResult, TaskKind};
+use crate::spool::{Answer, Spool};
 use crate::state::{GlobalModel, lock};
 use fedhcc_proto as pb;
-use fedhcc_proto::MAX_CHUNK_BYTES;
+use fedhcc_proto::chunks::{ChunkError, ChunkReceiver};
+use fedhcc_proto::{MAX_CHUNK_BYTES, MAX_SAMPLES};
 use fedhcc_secure::audit::Direction;
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -22,11 +25,47 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+/// The fields every upload's header carries, checked before anything else: the model fingerprint
+/// and SHA-256 as strings, and the metrics (returned).
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming the field.
+pub(super) fn check_header_fields(h: &pb::UpdateHeader) -> Result<Vec<(String, f64)>, Status> {
+    check_str("model_fingerprint", &h.model_fingerprint)?;
+    check_str("sha256", &h.sha256)?;
+    check_metrics(&h.metrics)
+}
+
+/// An upload's header against the global model, for a plain or a masked update alike: its layout,
+/// `expected` bytes in all (`counted` says how they are counted, for the error), the chunks they
+/// travel in, the SHA-256's form and the sample count. `what` names the upload (`update`, `masked
+/// update`). Returns the number of chunks to receive.
+///
+/// # Errors
+/// `FAILED_PRECONDITION` for another layout, `INVALID_ARGUMENT` saying what the header should declare.
+pub(super) fn check_update_header(
+    what: &str,
+    h: &pb::UpdateHeader,
+    g: &GlobalModel,
+    expected: u64,
+    counted: &str,
+) -> Result<u64, Status> {
+    check_update_layout(h, g)?;
+    if h.total_bytes != expected {
+        return Err(Status::invalid_argument(format!("{what} declares {} bytes; {counted}", h.total_bytes)));
+    }
+    let want_chunks = check_update_chunks(what, h, expected)?;
+    if h.num_samples == 0 || h.num_samples > MAX_SAMPLES {
+        return Err(Status::invalid_argument(format!("num_samples = {} (1 to {MAX_SAMPLES} allowed)", h.num_samples)));
+    }
+    Ok(want_chunks)
+}
+
 /// The update's layout fingerprint against the global model's.
 ///
 /// # Errors
 /// `FAILED_PRECONDITION` naming both layouts.
-pub(super) fn check_update_layout(h: &pb::UpdateHeader, g: &GlobalModel) -> Result<(), Status> {
+fn check_update_layout(h: &pb::UpdateHeader, g: &GlobalModel) -> Result<(), Status> {
     if h.model_fingerprint != g.fingerprint().to_hex() {
         return Err(Status::failed_precondition(format!(
             "update layout {} does not match the study model {}",
@@ -42,7 +81,7 @@ pub(super) fn check_update_layout(h: &pb::UpdateHeader, g: &GlobalModel) -> Resu
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` saying what the header should declare.
-pub(super) fn check_update_chunks(what: &str, h: &pb::UpdateHeader, expected: u64) -> Result<u64, Status> {
+fn check_update_chunks(what: &str, h: &pb::UpdateHeader, expected: u64) -> Result<u64, Status> {
     let want_chunks = expected.div_ceil(MAX_CHUNK_BYTES as u64);
     if u64::from(h.chunks) != want_chunks {
         return Err(Status::invalid_argument(format!(
@@ -72,8 +111,8 @@ pub(super) trait ChunkCheck {
     fn end(self) -> Result<(), Status>;
 }
 
-/// An upload received into a spool folder, not yet in place.
-pub(super) struct SpoolFile {
+/// An upload received into the spool, not yet in place.
+pub(super) struct ReceivedUpload {
     /// The file it was received into (`<site>.<n>.part`).
     pub part: PathBuf,
     /// The name the file takes once the upload is accepted (`<site>.<ext>`).
@@ -82,27 +121,29 @@ pub(super) struct SpoolFile {
     pub bytes: u64,
 }
 
-/// Receives `site`'s upload into a new `.part` file in `dir` (created if need be): exactly
+/// Receives `site`'s upload into a new `.part` file in the task's spool folder (created if need be): exactly
 /// `want_chunks` chunks of 1 to [`MAX_CHUNK_BYTES`] bytes, `h.total_bytes` in all, each seen by
-/// `check`, and the SHA-256 the header declares. Once accepted it is to be named `<site>.<ext>`.
+/// `check`, and the SHA-256 the header declares. Once accepted it is to be named as `kind`'s answer.
 ///
 /// # Errors
 /// A stalled, short, long or altered upload, what `check` refuses, or a spool file that cannot be
 /// written; the `.part` file is removed.
 pub(super) async fn spool_upload(
-    dir: &Path,
+    spool: &Spool,
+    task_id: &str,
     site: &str,
-    ext: &str,
+    kind: Answer,
     stream: &mut Streaming<pb::UploadPart>,
     h: &pb::UpdateHeader,
     want_chunks: u64,
     check: impl ChunkCheck,
-) -> Result<SpoolFile, Status> {
-    tokio::fs::create_dir_all(dir).await.map_err(|e| spool_error(dir, e))?;
-    let part = dir.join(format!("{site}.{}.part", uuid_like()));
-    let fin = dir.join(format!("{site}.{ext}"));
+) -> Result<ReceivedUpload, Status> {
+    let dir = spool.task_dir(task_id);
+    tokio::fs::create_dir_all(&dir).await.map_err(|e| spool_error(&dir, e))?;
+    let part = spool.part(task_id, site, &uuid_like());
+    let fin = spool.answer(task_id, site, kind);
     match receive_chunks(stream, &part, h, want_chunks, check).await {
-        Ok(bytes) => Ok(SpoolFile { part, fin, bytes }),
+        Ok(bytes) => Ok(ReceivedUpload { part, fin, bytes }),
         Err(s) => {
             let _ = tokio::fs::remove_file(&part).await;
             Err(s)
@@ -119,8 +160,7 @@ async fn receive_chunks(
     mut check: impl ChunkCheck,
 ) -> Result<u64, Status> {
     let mut file = tokio::fs::File::create(part).await.map_err(|e| spool_error(part, e))?;
-    let mut hasher = Sha256::new();
-    let (mut chunks, mut bytes) = (0u64, 0u64);
+    let mut receiver = ChunkReceiver::new(h.total_bytes, Some(want_chunks));
     loop {
         let msg = tokio::time::timeout(CHUNK_IDLE_TIMEOUT, stream.message()).await.map_err(|_| {
             Status::deadline_exceeded(format!("no chunk for {} s; upload abandoned", CHUNK_IDLE_TIMEOUT.as_secs()))
@@ -129,40 +169,26 @@ async fn receive_chunks(
         let Some(pb::upload_part::Part::Chunk(chunk)) = msg.part else {
             return Err(Status::invalid_argument("a second header arrived inside the upload"));
         };
-        chunks += 1;
-        if chunks > want_chunks {
-            return Err(Status::invalid_argument(format!("more chunks than the {want_chunks} declared")));
-        }
-        if chunk.is_empty() || chunk.len() > MAX_CHUNK_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "chunk {chunks} is {} bytes (1 to {MAX_CHUNK_BYTES} allowed)",
-                chunk.len()
-            )));
-        }
-        bytes += chunk.len() as u64;
-        if bytes > h.total_bytes {
-            return Err(Status::invalid_argument(format!("more bytes than the {} declared", h.total_bytes)));
-        }
-        hasher.update(&chunk);
+        receiver.accept(&chunk).map_err(|e| chunk_status(&e))?;
         check.chunk(&chunk)?;
         file.write_all(&chunk).await.map_err(|e| spool_error(part, e))?;
     }
-    if bytes != h.total_bytes || chunks != want_chunks {
-        return Err(Status::invalid_argument(format!(
-            "upload ended after {bytes} of {} bytes ({chunks} of {want_chunks} chunks)",
-            h.total_bytes
-        )));
+    let bytes = receiver.bytes();
+    if bytes == h.total_bytes {
+        check.end()?;
     }
-    check.end()?;
-    let got = hex::encode(hasher.finalize());
-    if !got.eq_ignore_ascii_case(&h.sha256) {
-        return Err(Status::data_loss(format!(
-            "SHA-256 of the received update is {got}, the header declared {}; nothing was stored",
-            h.sha256
-        )));
-    }
+    receiver.finish(&h.sha256).map_err(|e| chunk_status(&e))?;
     file.flush().await.map_err(|e| spool_error(part, e))?;
     Ok(bytes)
+}
+
+/// A refused upload's status: `DATA_LOSS` for bytes altered on the way, else `INVALID_ARGUMENT`.
+fn chunk_status(e: &ChunkError) -> Status {
+    if e.is_digest() {
+        Status::data_loss(format!("the upload was refused: {e}; nothing was stored"))
+    } else {
+        Status::invalid_argument(format!("the upload was refused: {e}"))
+    }
 }
 
 /// A train upload received into its spool file, ready to be committed
@@ -171,7 +197,7 @@ pub(super) struct Spooled<'a> {
     /// The task it answers.
     pub task: &'a pb::TaskRef,
     /// Its spool file.
-    pub file: SpoolFile,
+    pub file: ReceivedUpload,
     /// What the coordinator records for the site.
     pub result: SiteResult,
     /// The SHA-256 (hex, checked) of what was received, for the audit log.

@@ -206,8 +206,21 @@ pub(crate) fn guarded<T>(backend: BackendKind, work: impl FnOnce() -> Result<T, 
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "panicked".to_string());
-        Err(ModelError::Backend { backend, message })
+        Err(ModelError::Backend { backend, message: with_hint(backend, message) })
     })
+}
+
+/// A failed backend's message, with what an operator can check. The CUDA runtime reports a missing
+/// driver library from its own thread (that panic's text, naming the library files it looked for,
+/// is on standard error above), so what reaches here may only say that the device never started.
+fn with_hint(backend: BackendKind, message: String) -> String {
+    match backend.as_str() {
+        "cuda" => format!(
+            "{message} (the cuda backend needs an NVIDIA GPU and the NVIDIA driver's libcuda on this machine; \
+             `nvidia-smi` should list the GPU, and the lines above name the library files that were looked for)"
+        ),
+        _ => message,
+    }
 }
 
 /// The layout was checked before import, so an import failure is an internal inconsistency.
@@ -321,5 +334,20 @@ pub(crate) fn sigmoid(z: f64) -> f64 {
     } else {
         let e = z.exp();
         e / (1.0 + e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_failed_cuda_backend_gets_the_driver_hint() {
+        assert_eq!(with_hint(BackendKind::Flex, "out of memory".into()), "out of memory");
+        #[cfg(feature = "cuda")]
+        {
+            let m = with_hint(BackendKind::Cuda, "RecvError".into());
+            assert!(m.starts_with("RecvError (") && m.contains("libcuda") && m.contains("nvidia-smi"), "{m}");
+        }
     }
 }

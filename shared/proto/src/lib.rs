@@ -10,6 +10,8 @@ pub mod v1 {
 
 pub use v1::*;
 
+pub mod chunks;
+
 /// Largest chunk of a model or update, in bytes.
 pub const MAX_CHUNK_BYTES: usize = 1 << 20;
 /// Largest gRPC message either end decodes: one chunk plus framing headroom.
@@ -41,5 +43,44 @@ impl TaskRef {
     /// A short human-readable form: `round 3 (task r3a1)`.
     pub fn describe(&self) -> String {
         format!("round {} (task {})", self.round, self.task_id)
+    }
+}
+
+impl TaskEvent {
+    /// The audit-log kind of this event and the task it carries, the same on the server (sent) and
+    /// the site (received): `task_train`, `task_evaluate`, `task_statistics` or `finished`. `None`
+    /// for a heartbeat (no task data, not audited) or an empty event.
+    pub fn audit_kind(&self) -> Option<(&'static str, Option<&TaskRef>)> {
+        use task_event::Event;
+        Some(match self.event.as_ref()? {
+            Event::Train(t) => ("task_train", t.task.as_ref()),
+            Event::Evaluate(t) => ("task_evaluate", t.task.as_ref()),
+            Event::Statistics(t) => ("task_statistics", t.task.as_ref()),
+            Event::Finished(_) => ("finished", None),
+            Event::Heartbeat(_) => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_event_has_its_audit_kind_and_a_heartbeat_none() {
+        let t = || Some(TaskRef { task_id: "r2a1".into(), round: 2, ..Default::default() });
+        let kind = |e: task_event::Event| TaskEvent { event: Some(e) }.audit_kind().map(|(k, t)| (k, t.cloned()));
+        assert_eq!(kind(task_event::Event::Train(TrainTask { task: t(), ..Default::default() })), Some(("task_train", t())));
+        assert_eq!(
+            kind(task_event::Event::Evaluate(EvaluateTask { task: t(), ..Default::default() })),
+            Some(("task_evaluate", t()))
+        );
+        assert_eq!(
+            kind(task_event::Event::Statistics(StatisticsTask { task: t(), ..Default::default() })),
+            Some(("task_statistics", t()))
+        );
+        assert_eq!(kind(task_event::Event::Finished(RunFinished::default())), Some(("finished", None)));
+        assert_eq!(kind(task_event::Event::Heartbeat(Heartbeat::default())), None);
+        assert_eq!(TaskEvent { event: None }.audit_kind(), None);
     }
 }
