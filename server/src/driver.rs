@@ -57,7 +57,7 @@ impl Driver {
     }
 
     /// Gives every site a moment to hear that the run is over.
-    async fn let_the_sites_hear_it(&self) {
+    async fn let_the_sites_hear_it(&mut self) {
         let grace = Instant::now() + Duration::from_secs(10);
         while Instant::now() < grace && !self.shared.connected_sites().is_empty() {
             tokio::select! {
@@ -102,12 +102,8 @@ impl Driver {
         }
     }
 
-    fn spool(&self) -> &Spool {
-        &self.shared.spool
-    }
-
     /// A secure-aggregation attempt was aborted: its masked updates are useless; the round restarts.
-    async fn secure_aggregation_aborted(&self, task: &Task, reason: &str) {
+    async fn secure_aggregation_aborted(&mut self, task: &Task, reason: &str) {
         let shared = &self.shared;
         tracing::warn!(
             task = %task.id,
@@ -125,11 +121,11 @@ impl Driver {
                 task.round, task.id
             ),
         );
-        self.spool().discard(&task.id).await;
+        self.shared.spool.discard(&task.id).await;
     }
 
     /// A round closed without enough updates: they are discarded and the round is retried.
-    async fn discard(&self, task: &Task, reason: &str) {
+    async fn discard(&mut self, task: &Task, reason: &str) {
         let shared = &self.shared;
         tracing::warn!(task = %task.id, %reason, "round closed without enough updates; it will be retried");
         shared.metrics.round_retried();
@@ -138,11 +134,11 @@ impl Driver {
             None,
             format!("round {}: closed without enough updates ({reason}); it will be retried", task.round),
         );
-        self.spool().discard(&task.id).await;
+        self.shared.spool.discard(&task.id).await;
     }
 
     /// The statistics task closed: the sites' sums are pooled into the initial model.
-    async fn statistics_done(&self, task: &Task, reported: &BTreeSet<String>, missing: &BTreeSet<String>) {
+    async fn statistics_done(&mut self, task: &Task, reported: &BTreeSet<String>, missing: &BTreeSet<String>) {
         let shared = &self.shared;
         let span = tracing::info_span!("statistics", task = %task.id);
         let _e = span.enter();
@@ -151,10 +147,10 @@ impl Driver {
             return;
         };
         let (store, spool, task_id, sites) =
-            (Arc::clone(&shared.store), self.spool().clone(), task.id.clone(), reported.clone());
+            (Arc::clone(&shared.store), self.shared.spool.clone(), task.id.clone(), reported.clone());
         let joined =
             tokio::task::spawn_blocking(move || pool_statistics(&store, &global, &spool, &task_id, &sites)).await;
-        self.spool().discard(&task.id).await;
+        self.shared.spool.discard(&task.id).await;
         let actions = match joined {
             Ok(Ok(new_global)) => {
                 tracing::info!(?reported, ?missing, "pooled feature statistics written into the initial model");
@@ -175,7 +171,7 @@ impl Driver {
 
     /// An evaluation closed: its report is written before the next action (the run's end), so that
     /// the report exists when the run finishes.
-    async fn evaluation_done(&self, task: Task, reported: &BTreeSet<String>, missing: &BTreeSet<String>) {
+    async fn evaluation_done(&mut self, task: Task, reported: &BTreeSet<String>, missing: &BTreeSet<String>) {
         let shared = &self.shared;
         tracing::info!(task = %task.id, ?reported, ?missing, "evaluation closed");
         let list = |s: &BTreeSet<String>| {
@@ -184,7 +180,12 @@ impl Driver {
         shared.events.push(
             EventKind::Evaluation,
             None,
-            format!("round {}: evaluation closed; reported: {}; missing: {}", task.round, list(reported), list(missing)),
+            format!(
+                "round {}: evaluation closed; reported: {}; missing: {}",
+                task.round,
+                list(reported),
+                list(missing)
+            ),
         );
         let (store, study, state_dir) = (Arc::clone(&shared.store), shared.study.clone(), shared.state_dir.clone());
         let missing = missing.clone();
@@ -212,10 +213,10 @@ impl Driver {
     }
 
     /// The study lead aborted the run: the task in flight is dropped, the last committed model is final.
-    async fn abort(&self, task: Option<Task>, rounds_completed: u32) {
+    async fn abort(&mut self, task: Option<Task>, rounds_completed: u32) {
         let shared = &self.shared;
         if let Some(t) = &task {
-            self.spool().discard(&t.id).await;
+            self.shared.spool.discard(&t.id).await;
         }
         let dropped = task.map(|t| format!("; task {} was dropped", t.id)).unwrap_or_default();
         tracing::warn!(rounds_completed, "run aborted by the study lead{dropped}");
@@ -251,7 +252,7 @@ impl Driver {
         };
         // Stop serving the old model: the round is closed, and memory stays at one model.
         shared.set_global(None);
-        let (store, spool, study) = (Arc::clone(&shared.store), self.spool().clone(), shared.study.clone());
+        let (store, spool, study) = (Arc::clone(&shared.store), self.shared.spool.clone(), shared.study.clone());
         let (res_c, fail_c, task_c) = (results.clone(), failures.clone(), task.clone());
         let mut strat = std::mem::replace(&mut self.strategy, Box::new(FedAvg));
         let kept_global = Arc::clone(&global);
@@ -271,7 +272,7 @@ impl Driver {
         };
         drop(kept_global);
         self.strategy = strat;
-        self.spool().discard(&task.id).await;
+        self.shared.spool.discard(&task.id).await;
         match result {
             Ok((new_global, state_file, agg_s)) => {
                 let record = RoundRecord {

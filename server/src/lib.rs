@@ -302,7 +302,6 @@ fn write_effective_config(state_dir: &Path, config: &ServerConfig, study: &Study
     }
 }
 
-
 fn warn_if_nothing_is_trimmed(study: &StudyConfig, sites: usize) {
     if study.federation.strategy == fedhcc_core::aggregation::StrategyKind::TrimmedMean.as_str() {
         let beta = study.federation.trimmed_mean.unwrap_or_default().trim_fraction;
@@ -317,8 +316,6 @@ fn warn_if_nothing_is_trimmed(study: &StudyConfig, sites: usize) {
         }
     }
 }
-
-
 
 fn verify_checkpoint(store: &Store, path: &Path, sha: &str) -> Result<Layout, ServerError> {
     let bytes = store.read_checkpoint(path, sha)?;

@@ -158,9 +158,9 @@ mod tests {
     use crate::coordinator::TaskKind;
     use crate::strategy::{FedAvg, MemoryUpdate, OptimizerRule, ServerOptimizer, Strategy};
     use fedhcc_core::params::ParameterSet;
-    use std::path::Path;
     use fedhcc_secure::secagg::{FixedPoint, Masker, RoundKeys, words_to_le_bytes};
     use rand::SeedableRng;
+    use std::path::Path;
 
     fn study(extra: &str) -> StudyConfig {
         toml::from_str(&format!(
@@ -236,7 +236,8 @@ mod tests {
         assert!(worst <= tol, "max difference {worst:e} > {tol:e}");
         // The server optimizers take the same decoded mean as their pseudo-gradient.
         let (task2, results2) = spool_round(&s, tmp.path(), &[("a", 2, vec![0.5; 4]), ("b", 2, vec![-0.25; 4])]);
-        let mut sum = SecureSum::fold(&s, &task2, &results2, &Spool::at(tmp.path()), ps(vec![0.0; 4]).layout()).unwrap();
+        let mut sum =
+            SecureSum::fold(&s, &task2, &results2, &Spool::at(tmp.path()), ps(vec![0.0; 4]).layout()).unwrap();
         let mut opt = ServerOptimizer::new(OptimizerRule::Adam, Default::default());
         let out = opt.aggregate(ps(vec![0.0; 4]), &mut [&mut sum], &BTreeMap::new()).unwrap();
         assert!(out.values().iter().all(|v| *v > 0.0), "a step along the mean delta 0.125");
@@ -265,7 +266,7 @@ mod tests {
         let mut only_a = results.clone();
         only_a.remove("b");
         std::fs::write(&pb, &good).unwrap();
-        let e = SecureSum::fold(&s, &task, &only_a, tmp.path(), &layout).unwrap_err().to_string();
+        let e = SecureSum::fold(&s, &task, &only_a, &Spool::at(tmp.path()), &layout).unwrap_err().to_string();
         assert!(e.contains("roster member b has no accepted update"), "{e}");
     }
 

@@ -674,8 +674,14 @@ impl FederationService {
         let want_chunks = transfer::check_update_header("update", &h, &g, expected, &counted)?;
 
         let check = PayloadCheck { reader: PayloadReader::new(), layout: &g.layout };
-        let file = transfer::spool_upload(&self.shared.spool, &t.task_id, site, Answer::Update, stream, &h, want_chunks, check)
-            .await?;
+        let file = transfer::spool_upload(
+            self.shared.spool.slot(&t.task_id, site, Answer::Update),
+            stream,
+            &h,
+            want_chunks,
+            check,
+        )
+        .await?;
         let result = SiteResult { samples: h.num_samples, metrics, bytes: file.bytes };
         let up = transfer::Spooled { task: &t, file, result, sha256: &h.sha256, what: "update" };
         self.commit_upload(site, up, |coord| coord.check_submission(site, TaskKind::Train, &t.task_id)).await

@@ -37,6 +37,31 @@ impl Answer {
     }
 }
 
+/// Where one upload is received (a `.part` file per attempt) and kept once accepted.
+#[derive(Clone, Debug)]
+pub struct Slot {
+    dir: PathBuf,
+    site: String,
+    fin: PathBuf,
+}
+
+impl Slot {
+    /// The task's folder, to be created before the first part.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A file to receive one attempt into; `nonce` keeps two attempts apart.
+    pub fn part(&self, nonce: &str) -> PathBuf {
+        self.dir.join(format!("{}.{nonce}.part", self.site))
+    }
+
+    /// The name the answer takes once accepted.
+    pub fn fin(&self) -> &Path {
+        &self.fin
+    }
+}
+
 /// The spool folder of a run.
 #[derive(Clone, Debug)]
 pub struct Spool {
@@ -56,7 +81,8 @@ impl Spool {
     pub fn fresh(state_dir: &Path) -> std::io::Result<Self> {
         let spool = Spool::at(state_dir.join("spool"));
         let _ = std::fs::remove_dir_all(&spool.dir);
-        std::fs::create_dir_all(&spool.dir).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", spool.dir.display())))?;
+        std::fs::create_dir_all(&spool.dir)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", spool.dir.display())))?;
         Ok(spool)
     }
 
@@ -70,9 +96,9 @@ impl Spool {
         self.task_dir(task_id).join(format!("{site}.{}", kind.extension()))
     }
 
-    /// A file to receive one upload of `site` into; `nonce` keeps two attempts apart.
-    pub fn part(&self, task_id: &str, site: &str, nonce: &str) -> PathBuf {
-        self.task_dir(task_id).join(format!("{site}.{nonce}.part"))
+    /// Where an upload of `site`'s answer of `task_id` is received, then kept.
+    pub fn slot(&self, task_id: &str, site: &str, kind: Answer) -> Slot {
+        Slot { dir: self.task_dir(task_id), site: site.to_string(), fin: self.answer(task_id, site, kind) }
     }
 
     /// Removes a task's answers (the task was folded in, discarded or dropped).
@@ -170,7 +196,9 @@ mod tests {
         assert_eq!(s.answer("r1a1", "a", Answer::Update), Path::new("/state/spool/r1a1/a.upd"));
         assert_eq!(s.answer("r1a1", "a", Answer::Masked), Path::new("/state/spool/r1a1/a.msk"));
         assert_eq!(s.answer("r1a1", "a", Answer::Statistics), Path::new("/state/spool/r1a1/a.stats"));
-        assert_eq!(s.part("r1a1", "a", "x1"), Path::new("/state/spool/r1a1/a.x1.part"));
+        let slot = s.slot("r1a1", "a", Answer::Masked);
+        assert_eq!(slot.part("x1"), Path::new("/state/spool/r1a1/a.x1.part"));
+        assert_eq!((slot.dir(), slot.fin()), (Path::new("/state/spool/r1a1"), Path::new("/state/spool/r1a1/a.msk")));
     }
 
     #[tokio::test]
@@ -215,5 +243,4 @@ mod tests {
         let e = Median.aggregate(ps(vec![1.0; 3]), &mut refs, &BTreeMap::new()).unwrap_err().to_string();
         assert!(e.contains("layout differs"), "{e}");
     }
-
 }

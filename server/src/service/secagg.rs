@@ -13,7 +13,7 @@ use crate::state::lock;
 use fedhcc_core::config::StudyConfig;
 use fedhcc_core::privacy;
 use fedhcc_proto as pb;
-use fedhcc_proto::{ENCODING_SECAGG_U64, KEY_BYTES, MAX_SAMPLES};
+use fedhcc_proto::{ENCODING_SECAGG_U64, KEY_BYTES};
 use fedhcc_secure::secagg::{Roster, SecAggContext};
 use std::time::{Duration, Instant};
 use tonic::{Status, Streaming};
@@ -193,9 +193,14 @@ impl FederationService {
             )));
         }
 
-        let file =
-            transfer::spool_upload(&self.shared.spool, &t.task_id, site, Answer::Masked, stream, &h, want_chunks, MaskedWords)
-                .await?;
+        let file = transfer::spool_upload(
+            self.shared.spool.slot(&t.task_id, site, Answer::Masked),
+            stream,
+            &h,
+            want_chunks,
+            MaskedWords,
+        )
+        .await?;
         let result = SiteResult { samples: h.num_samples, metrics, bytes: file.bytes };
         let up = transfer::Spooled { task: &t, file, result, sha256: &h.sha256, what: "masked update" };
         self.commit_upload(site, up, |coord| coord.check_masked_submission(site, &t.task_id)).await

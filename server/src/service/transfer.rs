@@ -12,7 +12,7 @@ use super::{
 };
 use crate::audit::Entry;
 use crate::coordinator::{Coordinator, Refusal, SiteResult, TaskKind};
-use crate::spool::{Answer, Spool};
+use crate::spool::Slot;
 use crate::state::{GlobalModel, lock};
 use fedhcc_proto as pb;
 use fedhcc_proto::chunks::{ChunkError, ChunkReceiver};
@@ -123,25 +123,21 @@ pub(super) struct ReceivedUpload {
 
 /// Receives `site`'s upload into a new `.part` file in the task's spool folder (created if need be): exactly
 /// `want_chunks` chunks of 1 to [`MAX_CHUNK_BYTES`] bytes, `h.total_bytes` in all, each seen by
-/// `check`, and the SHA-256 the header declares. Once accepted it is to be named as `kind`'s answer.
+/// `check`, and the SHA-256 the header declares. Once accepted it is to take the slot's final name.
 ///
 /// # Errors
 /// A stalled, short, long or altered upload, what `check` refuses, or a spool file that cannot be
 /// written; the `.part` file is removed.
 pub(super) async fn spool_upload(
-    spool: &Spool,
-    task_id: &str,
-    site: &str,
-    kind: Answer,
+    slot: Slot,
     stream: &mut Streaming<pb::UploadPart>,
     h: &pb::UpdateHeader,
     want_chunks: u64,
     check: impl ChunkCheck,
 ) -> Result<ReceivedUpload, Status> {
-    let dir = spool.task_dir(task_id);
-    tokio::fs::create_dir_all(&dir).await.map_err(|e| spool_error(&dir, e))?;
-    let part = spool.part(task_id, site, &uuid_like());
-    let fin = spool.answer(task_id, site, kind);
+    tokio::fs::create_dir_all(slot.dir()).await.map_err(|e| spool_error(slot.dir(), e))?;
+    let part = slot.part(&uuid_like());
+    let fin = slot.fin().to_path_buf();
     match receive_chunks(stream, &part, h, want_chunks, check).await {
         Ok(bytes) => Ok(ReceivedUpload { part, fin, bytes }),
         Err(s) => {

@@ -70,7 +70,10 @@ mod tests {
     fn every_task_event_has_its_audit_kind_and_a_heartbeat_none() {
         let t = || Some(TaskRef { task_id: "r2a1".into(), round: 2, ..Default::default() });
         let kind = |e: task_event::Event| TaskEvent { event: Some(e) }.audit_kind().map(|(k, t)| (k, t.cloned()));
-        assert_eq!(kind(task_event::Event::Train(TrainTask { task: t(), ..Default::default() })), Some(("task_train", t())));
+        assert_eq!(
+            kind(task_event::Event::Train(TrainTask { task: t(), ..Default::default() })),
+            Some(("task_train", t()))
+        );
         assert_eq!(
             kind(task_event::Event::Evaluate(EvaluateTask { task: t(), ..Default::default() })),
             Some(("task_evaluate", t()))
