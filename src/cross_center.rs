@@ -28,11 +28,11 @@
 
 use crate::report::{CrossCenter, CrossCenterMatrix, CrossCenterRow};
 use crate::simulation::{SimSite, run_federation};
-use crate::train::{StudySites, Trainer, backend_for, fit, load_study_sites, with_pooled_statistics};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use fedhcc_core::config::SiteConfig;
 use fedhcc_core::params::ParameterSet;
+use fedhcc_site::train::{StudySites, Trainer, backend_for, fit, load_study_sites, with_pooled_statistics};
 use fedhcc_stats::federated::SitePredictions;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;

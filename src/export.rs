@@ -184,7 +184,7 @@ mod tests {
     }
 
     fn standardised(model: &StudyModel, params: &ParameterSet, row: &[f32]) -> Vec<f32> {
-        let (mean, std) = fedhcc_core::standardisation::read(params, crate::standardise::CLINICAL).unwrap();
+        let (mean, std) = fedhcc_core::standardisation::read(params, fedhcc_site::standardise::CLINICAL).unwrap();
         let mut row = row.to_vec();
         fedhcc_cohort::standardise_row(&fedhcc_cohort::numeric_positions(&model.spec), &mut row, &mean, &std);
         row
@@ -208,7 +208,7 @@ mod tests {
         let cfg = model.clinical_config().unwrap();
         let y = vec![0.0; raw.len()];
         let data = fedhcc_model::Dataset { x: &x, n: raw.len(), d: cfg.inputs, y: &y };
-        let trainable = crate::standardise::trainable(&params).unwrap();
+        let trainable = fedhcc_site::standardise::trainable(&params).unwrap();
         let scores = fedhcc_model::evaluate(&cfg, &trainable, &data, BackendKind::Flex).unwrap().scores;
         write_fixture(dir, &model, &params, json!({ "clinical": raw, "probability": scores }));
     }
@@ -221,7 +221,7 @@ mod tests {
         let n = 6;
         let raw = raw_rows(&model, n, &mut rng);
         let (phases, voxels) = (cfg.mri.phases, cfg.mri.voxels());
-        let wsi = fedhcc_core::standardisation::read(&params, crate::standardise::WSI);
+        let wsi = fedhcc_core::standardisation::read(&params, fedhcc_site::standardise::WSI);
         // Patches per patient: None = no slide, Some(0) = an empty slide (the same for the model).
         let patches = [Some(5), None, Some(1), Some(9), Some(0), Some(3)];
         let (mut samples, mut crops, mut presence, mut bags, mut mask) = (vec![], vec![], vec![], vec![], vec![]);
@@ -253,7 +253,7 @@ mod tests {
                 crop,
                 phase_present: present,
                 bag: match (bag, &wsi) {
-                    (Some(b), Some((m, s))) => Some(crate::standardise::standardise_bag(&b, m, s)),
+                    (Some(b), Some((m, s))) => Some(fedhcc_site::standardise::standardise_bag(&b, m, s)),
                     (b, _) => b,
                 },
                 clinical: standardised(&model, &params, &raw[i]),
@@ -261,7 +261,7 @@ mod tests {
                 survival: None,
             });
         }
-        let trainable = crate::standardise::trainable(&params).unwrap();
+        let trainable = fedhcc_site::standardise::trainable(&params).unwrap();
         let ev =
             fedhcc_model::evaluate_multimodal(&cfg, &trainable, &MultimodalDataset::new(samples), BackendKind::Flex)
                 .unwrap();

@@ -7,22 +7,17 @@ mod bench;
 mod commands;
 mod cross_center;
 mod demo;
-mod executor;
 mod export;
-mod imaging_check;
-mod mm_executor;
 mod model_file;
 mod outdir;
-mod preprocess;
-mod progress;
 mod report;
 mod simulation;
-mod site_evaluation;
-mod standardise;
 mod stats_cmd;
-mod study;
 mod train;
 mod validate;
+
+// The site's library code, under the names the command modules use.
+use fedhcc_site::{executor, imaging_check, mm_executor, preprocess, progress, study};
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;

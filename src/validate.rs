@@ -22,11 +22,11 @@
 
 use crate::model_file::{FileLayout, read_safetensors};
 use crate::study::StudyModel;
-use crate::train::{Trainer, backend_for};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use fedhcc_core::params::ParameterSet;
 use fedhcc_model::BackendKind;
+use fedhcc_site::train::{Trainer, backend_for};
 use fedhcc_stats::federated::SitePredictions;
 use fedhcc_stats::report::{StatsOptions, evaluate, plots, predictions_from_columns};
 use std::collections::BTreeMap;

@@ -37,7 +37,7 @@ const BURN_ROOMS: &[&str] = &["shared/model/"];
 fn sources() -> Vec<(String, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut out = Vec::new();
-    let mut stack: Vec<PathBuf> = ["src", "server", "client", "shared"].iter().map(|d| root.join(d)).collect();
+    let mut stack: Vec<PathBuf> = ["src", "server", "client", "site", "shared"].iter().map(|d| root.join(d)).collect();
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
             let path = entry.unwrap().path();

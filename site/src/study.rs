@@ -293,7 +293,7 @@ mod tests {
     /// the model's default (`--scale full`) sizes.
     #[test]
     fn every_shipped_study_and_site_config_types_as_its_model() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
         let kind_of = |name: &str| match name {
             n if n.contains("preop") => "preop",
             n if n.contains("postop") => "postop",
