@@ -70,7 +70,11 @@ impl Driver {
     /// Carries out one driver action. Returns true when the run is finished.
     async fn handle(&mut self, action: Action) -> bool {
         match action {
-            Action::Announce(_) | Action::RosterFixed(_) => false,
+            Action::Announce(task) => {
+                announce(&self.shared, task).await;
+                false
+            }
+            Action::RosterFixed(_) => false,
             Action::SecureAggregationAborted { task, reason } => {
                 self.secure_aggregation_aborted(&task, &reason).await;
                 false
@@ -397,6 +401,28 @@ pub(crate) fn strategy_at_last_round(study: &StudyConfig, store: &Store) -> Resu
     };
     s.restore_state(state, last.map_or(0, |r| r.round))?;
     Ok(s)
+}
+
+/// A new task: its attempt number recorded in `server.db` (off the async threads), then the task
+/// sent to the sites, so that a restarted server numbers its tasks after it. A failed record is
+/// logged and the task still goes out (the run goes on; only a restart could then reuse the id).
+pub(crate) async fn announce(shared: &Arc<Shared>, task: Task) {
+    let (store, attempt) = (Arc::clone(&shared.store), task.attempt);
+    let recorded = tokio::task::spawn_blocking(move || lock(&store).record_attempt_announced(attempt)).await;
+    let failure = match recorded {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(e) = failure {
+        tracing::error!(
+            task = %task.id,
+            error = %e,
+            "the task's attempt number could not be recorded in server.db; after a restart this task id may be \
+             announced again"
+        );
+    }
+    shared.announce_task(task);
 }
 
 /// After a round that was not committed: the strategy as of the last committed round. `None`

@@ -122,39 +122,32 @@ impl Shared {
         *self.global.write().unwrap_or_else(std::sync::PoisonError::into_inner) = g;
     }
 
-    /// Carries out the coordinator's actions: announcements at once, the rest on the driver.
+    /// Sends a task to the sites (the driver calls this once the task's attempt number is in
+    /// `server.db`): the announcement, its event, the round's byte counters and start time.
+    pub fn announce_task(&self, task: Task) {
+        tracing::info!(task = %task.id, round = task.round, sites = ?task.selected, "task announced");
+        self.metrics.task_closed(self.bytes_in.swap(0, Ordering::Relaxed), self.bytes_out.swap(0, Ordering::Relaxed));
+        let what = match task.kind {
+            TaskKind::Statistics => "feature statistics",
+            TaskKind::Train => "training",
+            TaskKind::Evaluate => "evaluation",
+        };
+        let sites: Vec<&str> = task.selected.iter().map(String::as_str).collect();
+        self.events.push(
+            EventKind::Task,
+            None,
+            format!("round {}: {what} task {} sent to {}", task.round, task.id, sites.join(", ")),
+        );
+        *lock(&self.task_started) = Some(Instant::now());
+        self.announce.send_modify(|an| an.task = Some(task));
+    }
+
+    /// Carries out the coordinator's actions. Nothing here touches `server.db` (a request handler
+    /// calls this): a roster is announced at once; everything else, a new task's announcement
+    /// included (its attempt number is recorded first), goes to the driver's queue, in order.
     pub fn apply(&self, actions: Vec<Action>) {
         for a in actions {
             match a {
-                Action::Announce(task) => {
-                    tracing::info!(task = %task.id, round = task.round, sites = ?task.selected, "task announced");
-                    self.metrics.task_closed(
-                        self.bytes_in.swap(0, Ordering::Relaxed),
-                        self.bytes_out.swap(0, Ordering::Relaxed),
-                    );
-                    let what = match task.kind {
-                        TaskKind::Statistics => "feature statistics",
-                        TaskKind::Train => "training",
-                        TaskKind::Evaluate => "evaluation",
-                    };
-                    let sites: Vec<&str> = task.selected.iter().map(String::as_str).collect();
-                    self.events.push(
-                        EventKind::Task,
-                        None,
-                        format!("round {}: {what} task {} sent to {}", task.round, task.id, sites.join(", ")),
-                    );
-                    *lock(&self.task_started) = Some(Instant::now());
-                    // Recorded before it is sent, so a restarted server numbers its tasks after this.
-                    if let Err(e) = lock(&self.store).record_attempt_announced(task.attempt) {
-                        tracing::error!(
-                            task = %task.id,
-                            error = %e,
-                            "the task's attempt number could not be recorded in server.db; after a restart this task \
-                             id may be announced again"
-                        );
-                    }
-                    self.announce.send_modify(|an| an.task = Some(task));
-                }
                 Action::RosterFixed(task) => {
                     // Sites waiting in AwaitRoster watch the announcement: the task now carries its roster.
                     let roster: Vec<&str> = task.roster.iter().flat_map(|r| r.keys()).map(String::as_str).collect();
@@ -349,5 +342,30 @@ mod tests {
             got += 1;
         }
         assert_eq!(got, n, "the driver received {got} of {n} actions");
+    }
+
+    /// A request handler's `apply` writes no SQLite: a new task goes to the driver, which records its
+    /// attempt number before the sites hear of it.
+    #[tokio::test]
+    async fn a_new_task_is_recorded_by_the_driver_before_it_is_announced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let shared = test_shared(tmp.path(), tx);
+        let task = Task {
+            kind: TaskKind::Train,
+            round: 1,
+            attempt: 4,
+            id: "r1a4".into(),
+            selected: ["a".to_string(), "b".to_string()].into(),
+            roster: None,
+        };
+        let announced = shared.announce.subscribe();
+        shared.apply(vec![Action::Announce(task.clone())]);
+        assert!(announced.borrow().task.is_none(), "not announced from the request path");
+        assert_eq!(lock(&shared.store).attempts_announced().unwrap(), 0, "nothing written on the request path");
+        let Ok(Action::Announce(queued)) = rx.try_recv() else { panic!("the announcement is the driver's") };
+        crate::driver::announce(&shared, queued).await;
+        assert_eq!(lock(&shared.store).attempts_announced().unwrap(), 4, "recorded");
+        assert_eq!(announced.borrow().task.as_ref().map(|t| t.id.as_str()), Some("r1a4"), "then announced");
     }
 }
