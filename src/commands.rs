@@ -230,7 +230,7 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
             println!("  {:<20} {}", s.site_id, s.policy_refusal);
         }
     }
-    crate::admin_cmd::print_admin_view(reply.admin.as_ref());
+    crate::lead::admin_cmd::print_admin_view(reply.admin.as_ref());
     print_privacy(reply.privacy.as_ref());
     println!("\n{:>5}  {:<28} {:>8} {:>10} {:>8}", "round", "participants", "samples", "mean loss", "seconds");
     for r in &reply.rounds {

@@ -1,20 +1,15 @@
 //! `fedhcc`: the one binary. Thin: parses the command line, sets up logging, dispatches to the
 //! libraries (`fedhcc-server`, `fedhcc-client`, `fedhcc-core`, …) through the modules below.
 
-mod admin_cmd;
-mod audit_cmd;
-mod bench;
 mod commands;
-mod cross_center;
-mod demo;
-mod export;
-mod model_file;
+mod dev;
+mod lead;
 mod outdir;
-mod report;
-mod simulation;
-mod stats_cmd;
-mod train;
-mod validate;
+mod site;
+
+use dev::{bench, demo};
+use lead::{admin_cmd, audit_cmd, cross_center, export, report, stats_cmd, validate};
+use site::train;
 
 // The site's library code, under the names the command modules use.
 use fedhcc_site::{executor, imaging_check, mm_executor, preprocess, progress, study};

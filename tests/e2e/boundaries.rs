@@ -25,9 +25,9 @@ const NOT_YET_MOVED: &[&str] = &[
     "server/src/metrics.rs",
     "client/src/lib.rs",
     "client/src/secagg.rs",
-    "src/admin_cmd.rs",
+    "src/lead/admin_cmd.rs",
     "src/commands.rs",
-    "src/bench/drills.rs",
+    "src/dev/bench/drills.rs",
 ];
 
 /// Where burn may be used.

@@ -1,7 +1,7 @@
 //! The dashboard's cross-center panel: `<state_dir>/cross-center.json`, read on each refresh when it
 //! is there.
 //!
-//! The format is the one `fedhcc report` reads (see `src/report.rs`): `{"metric": "auc", "rows":
+//! The format is the one `fedhcc report` reads (see `src/lead/report.rs`): `{"metric": "auc", "rows":
 //! [{"trained_on": "center_a", "evaluated_at": {"center_a": 0.71, "center_b": null}}, …], "note":
 //! "…"}` (`null`: not evaluated), with an optional `"secondary"` list of further matrices in the same
 //! shape (`{"metric": "c_index_rfs", "rows": […], "note": "…"}`). The file holds aggregate metrics

@@ -2,7 +2,7 @@
 //! the admin RPCs, with the admin certificate: start (a run with `[federation] start = "manual"`),
 //! pause, resume, abort, allow / disallow a site, export the current model.
 
-use crate::model_file::FileLayout;
+use crate::lead::model_file::FileLayout;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use fedhcc_core::config::load_admin;
@@ -137,7 +137,7 @@ async fn export(
     file.sync_all().with_context(|| format!("writing {}", tmp.0.display()))?;
     drop(file);
     receiver.finish(&header.sha256).map_err(|e| anyhow::anyhow!("the model transfer was refused: {e}; try again"))?;
-    let params = crate::export::read_checkpoint(&tmp.0)?;
+    let params = crate::lead::export::read_checkpoint(&tmp.0)?;
     if params.fingerprint().to_hex() != header.model_fingerprint {
         bail!("the model's layout differs from the one the server announced");
     }
@@ -170,7 +170,7 @@ impl Drop for PartFile {
     }
 }
 
-/// The same file as `fedhcc export` writes ([`crate::model_file`]), with what the server's header
+/// The same file as `fedhcc export` writes ([`crate::lead::model_file`]), with what the server's header
 /// says of the model (its fingerprint was checked against the tensors above).
 fn write_safetensors(params: &ParameterSet, header: &pb::ExportHeader, layout: FileLayout, out: &Path) -> Result<()> {
     let metadata = std::collections::BTreeMap::from([
@@ -179,7 +179,7 @@ fn write_safetensors(params: &ParameterSet, header: &pb::ExportHeader, layout: F
         ("round".to_string(), header.round.to_string()),
         ("checkpoint_sha256".to_string(), header.sha256.clone()),
     ]);
-    let bytes = crate::model_file::safetensors_bytes(params, layout, &metadata)?;
+    let bytes = crate::lead::model_file::safetensors_bytes(params, layout, &metadata)?;
     fedhcc_core::pki::write_atomic(out, &bytes, false).with_context(|| format!("writing {}", out.display()))
 }
 

@@ -2,14 +2,14 @@
 //! `fedhcc train` writes) → a [safetensors](https://huggingface.co/docs/safetensors) file, so the
 //! final model can be used outside fedhcc (PyTorch, numpy, candle, burn).
 //!
-//! The file ([`crate::model_file`]) is in the PyTorch layout by default (`--layout torch`: what
+//! The file ([`crate::lead::model_file`]) is in the PyTorch layout by default (`--layout torch`: what
 //! `scripts/fedhcc_model.py` loads with `load_state_dict(strict=True)`), or in burn's
 //! (`--layout burn`). Its metadata holds, besides the layout and the fingerprint, the study id, run
 //! id and model kind, the model's architecture (`model_config`, JSON) and, for the models with a
 //! clinical input, the design matrix's columns (`clinical_columns`) and where the standardised
 //! numeric values and their missing indicators sit (`clinical_numeric`).
 
-use crate::model_file::{FileLayout, safetensors_bytes};
+use crate::lead::model_file::{FileLayout, safetensors_bytes};
 use crate::study::StudyModel;
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -122,7 +122,7 @@ mod tests {
     //! without it only fedhcc's side runs.
 
     use super::*;
-    use crate::model_file::FileLayout;
+    use crate::lead::model_file::FileLayout;
     use fedhcc_model::{BackendKind, MultimodalDataset, MultimodalSample, PatchBag};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -194,7 +194,7 @@ mod tests {
         std::fs::create_dir_all(dir).unwrap();
         let mut metadata = BTreeMap::from([("model_kind".to_string(), model.kind().to_string())]);
         metadata.extend(model_description(model).unwrap());
-        let bytes = crate::model_file::safetensors_bytes(params, FileLayout::Torch, &metadata).unwrap();
+        let bytes = crate::lead::model_file::safetensors_bytes(params, FileLayout::Torch, &metadata).unwrap();
         std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
         std::fs::write(dir.join("fixture.json"), serde_json::to_vec(&fixture).unwrap()).unwrap();
     }
@@ -296,7 +296,8 @@ mod tests {
         );
         for d in &dirs {
             let f =
-                crate::model_file::read_safetensors(&std::fs::read(d.join("model.safetensors")).unwrap(), "m").unwrap();
+                crate::lead::model_file::read_safetensors(&std::fs::read(d.join("model.safetensors")).unwrap(), "m")
+                    .unwrap();
             assert!(f.metadata.contains_key("model_config") && f.metadata.contains_key("clinical_numeric"));
         }
         let Ok(python) = std::env::var("FEDHCC_TORCH_PYTHON") else {

@@ -368,13 +368,13 @@ fn validation(
     );
     let dir = out.join(format!("validation-{model}"));
     let safetensors = out.join(format!("final-{model}.safetensors"));
-    crate::export::export(&crate::export::ExportArgs {
+    crate::lead::export::export(&crate::lead::export::ExportArgs {
         checkpoint: checkpoint.to_path_buf(),
         study: cfg.join("study.toml"),
         out: safetensors.clone(),
-        layout: crate::model_file::FileLayout::Torch,
+        layout: crate::lead::model_file::FileLayout::Torch,
     })?;
-    crate::validate::validate(&crate::validate::ValidateArgs {
+    crate::lead::validate::validate(&crate::lead::validate::ValidateArgs {
         model: safetensors,
         site_config: cfg.join(format!("site-{site}.toml")),
         out: dir.clone(),
@@ -387,7 +387,7 @@ fn validation(
         write_inputs: false,
     })?;
     let validation: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("validation.json"))?)?;
-    crate::stats_cmd::stats(&crate::stats_cmd::StatsArgs {
+    crate::lead::stats_cmd::stats(&crate::lead::stats_cmd::StatsArgs {
         predictions: dir.join("predictions.csv"),
         cutoff: validation["cutoff"].as_f64(),
         times: vec![365.0, 730.0, 1095.0],
@@ -430,8 +430,8 @@ fn cross_center_study(
         ),
     )
     .with_context(|| format!("writing {}", file.display()))?;
-    let args = crate::cross_center::StudyArgs { config: file, out: None, rounds: None };
-    let done = crate::cross_center::run(&args)?;
+    let args = crate::lead::cross_center::StudyArgs { config: file, out: None, rounds: None };
+    let done = crate::lead::cross_center::run(&args)?;
     let (dir, matrix) = (done.out, done.first);
     for row in &matrix.rows {
         let cells: Vec<String> = row
@@ -469,7 +469,7 @@ fn write_report(
         std::fs::write(&path, check.to_json()?).with_context(|| format!("writing {}", path.display()))?;
         data_check.push(format!("{s}={}", path.display()));
     }
-    let args = crate::report::ReportArgs {
+    let args = crate::lead::report::ReportArgs {
         server_state: out.join(server_state),
         run: Some(run_id.to_owned()),
         study: Some(cfg.join("study.toml")),
@@ -477,7 +477,7 @@ fn write_report(
         cross_center: None,
         out: out.join(format!("report-{model}")),
     };
-    let report = crate::report::write_report(&args)?;
+    let report = crate::lead::report::write_report(&args)?;
     let pooled = report.evaluation.as_ref().and_then(|e| e.pooled.as_ref()).and_then(|p| p.auc);
     if let Some(a) = pooled {
         let ci = a.ci_low.zip(a.ci_high).map(|(l, h)| format!(" (95% CI {l:.3}–{h:.3})")).unwrap_or_default();

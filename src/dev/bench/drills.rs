@@ -18,8 +18,8 @@
 //! Each drill works in its own folder (`--dir` keeps them: certificates, configurations, server
 //! state, logs); a failed check fails the command and says which.
 
-use crate::bench::{parse_count, tempfile_dir, vm_hwm_kb};
-use crate::demo::{free_port, wait_for_port, write_loopback_configs};
+use crate::dev::bench::{parse_count, tempfile_dir, vm_hwm_kb};
+use crate::dev::demo::{free_port, wait_for_port, write_loopback_configs};
 use crate::executor::NoiseExecutor;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
@@ -166,7 +166,7 @@ fn round3(x: f64) -> f64 {
 
 /// (a) Many sites, small model.
 fn sites(dir: &Path, args: &DrillsArgs) -> Result<Value> {
-    let m = crate::bench::measure_rounds(dir, args.params, args.sites, args.rounds)?;
+    let m = crate::dev::bench::measure_rounds(dir, args.params, args.sites, args.rounds)?;
     if m.records.len() != args.rounds as usize {
         bail!("{} of {} rounds committed", m.records.len(), args.rounds);
     }

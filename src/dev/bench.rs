@@ -6,7 +6,7 @@ pub mod drills;
 pub mod strategies;
 pub mod train;
 
-use crate::demo::{free_port, wait_for_port, write_configs};
+use crate::dev::demo::{free_port, wait_for_port, write_configs};
 use crate::executor::NoiseExecutor;
 use anyhow::{Context, Result, bail};
 use clap::Args;

@@ -1,5 +1,5 @@
 //! `fedhcc validate`: external validation of an exported model at a site, offline. Reads the
-//! safetensors file `fedhcc export` writes ([`crate::model_file`]: bounds-checked, F32 tensors laid
+//! safetensors file `fedhcc export` writes ([`crate::lead::model_file`]: bounds-checked, F32 tensors laid
 //! end to end, the export's metadata; the torch or the burn layout, mapped back onto the site study
 //! model's), refuses a model of another study or another layout than the site's study model,
 //! scores the site's patients with the site executor's own code (standardised with the statistics
@@ -20,7 +20,7 @@
 //! score one of its own splits (`--split test`), with Youden's cut-off on its training split, as the
 //! federated evaluation does.
 
-use crate::model_file::{FileLayout, read_safetensors};
+use crate::lead::model_file::{FileLayout, read_safetensors};
 use crate::study::StudyModel;
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -312,7 +312,7 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
     let mut json = serde_json::to_vec_pretty(&report).context("cannot encode stats.json")?;
     json.push(b'\n');
     files.push(("stats.json", json));
-    crate::stats_cmd::write_atomically(&args.out, &files)?;
+    crate::lead::stats_cmd::write_atomically(&args.out, &files)?;
 
     println!(
         "Validated the {} model {} (study '{}') at site '{}': {who}.",

@@ -8,7 +8,7 @@
 //! `strategies.md` (comparison table), `strategies.json` (every number) and `convergence.svg`
 //! (test AUC per round, one panel per site, one line per strategy, mean over seeds).
 
-use crate::simulation::{SimSite, run_federation};
+use crate::dev::simulation::{SimSite, run_federation};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use fedhcc_core::aggregation::StrategyKind;

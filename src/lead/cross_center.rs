@@ -26,8 +26,8 @@
 //! federation's server state, for `fedhcc report --server-state`); `study.json` and `study.md` over
 //! every model. Only aggregate statistics are written; no patient-level value.
 
-use crate::report::{CrossCenter, CrossCenterMatrix, CrossCenterRow};
-use crate::simulation::{SimSite, run_federation};
+use crate::dev::simulation::{SimSite, run_federation};
+use crate::lead::report::{CrossCenter, CrossCenterMatrix, CrossCenterRow};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use fedhcc_core::config::SiteConfig;
