@@ -66,7 +66,13 @@ fn client_killed_mid_upload_is_left_out_when_the_quorum_allows_and_comes_back() 
     let killed = v["round"]["round"].as_u64().unwrap() as u32;
     let r = &rounds[killed as usize - 1];
     assert_eq!(r.participants, ["center_a"]);
-    assert!(r.failures.contains(&("center_b".to_string(), "disconnected".to_string())), "{:?}", r.failures);
+    // Recorded as disconnected by the attempt it died in (a retry of the round without it, on a loaded
+    // machine, has nothing to record of it).
+    let task = v["killed_in_task"].as_str().unwrap();
+    let (_, _, killed_attempt) = fedhcc_server::coordinator::parse_task_id(task).unwrap();
+    if r.attempt == killed_attempt {
+        assert!(r.failures.contains(&("center_b".to_string(), "disconnected".to_string())), "{:?}", r.failures);
+    }
     if killed < n {
         assert!(rounds[killed as usize..].iter().any(|r| r.participants.contains(&"center_b".to_string())));
     }
