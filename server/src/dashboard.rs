@@ -522,7 +522,7 @@ pub fn dashboard_json(shared: &Shared) -> serde_json::Value {
         "cross_center": cross_center::dashboard_value(&shared.state_dir),
         // Secure aggregation and DP (ε spent, budget, last aborted attempt); null when neither is on.
         "privacy": if f.secure_aggregation || f.dp.is_some() {
-            crate::privacy::status_json(Some(&crate::privacy::status(shared)))
+            crate::status::privacy_status_json(Some(&crate::status::privacy_status(shared)))
         } else {
             serde_json::Value::Null
         },

@@ -85,20 +85,6 @@ impl RefusalReason {
             RefusalReason::Other => "other",
         }
     }
-
-    /// The reason behind a refusal the service answered with `code`.
-    pub fn from_code(code: tonic::Code) -> Self {
-        match code {
-            tonic::Code::FailedPrecondition => RefusalReason::Precondition,
-            tonic::Code::AlreadyExists => RefusalReason::Duplicate,
-            tonic::Code::PermissionDenied => RefusalReason::NotSelected,
-            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => RefusalReason::Malformed,
-            tonic::Code::DataLoss => RefusalReason::Checksum,
-            tonic::Code::DeadlineExceeded => RefusalReason::Timeout,
-            tonic::Code::ResourceExhausted => RefusalReason::RateLimited,
-            _ => RefusalReason::Other,
-        }
-    }
 }
 
 /// Upper bounds (seconds) of the round-duration buckets.
@@ -476,7 +462,5 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(labels, sorted);
-        assert_eq!(RefusalReason::from_code(tonic::Code::AlreadyExists), RefusalReason::Duplicate);
-        assert_eq!(RefusalReason::from_code(tonic::Code::DataLoss), RefusalReason::Checksum);
     }
 }

@@ -1,13 +1,11 @@
 //! The server's view of the study's secure aggregation and differential privacy: what is checked at
 //! start (the run keeps its settings, the allow-list fits the fixed point, the ε budget caps the
-//! rounds), ε after each committed round, and the privacy part of the status view.
+//! rounds), and ε after each committed round (the privacy part of the status view is in [`crate::status`]).
 
 use crate::ServerError;
-use crate::state::{Shared, lock};
 use crate::store::Store;
 use fedhcc_core::config::StudyConfig;
 use fedhcc_core::privacy;
-use fedhcc_proto as pb;
 
 /// The settings a run must keep from its first start, as recorded in the store: `none`, or
 /// `secagg(clip=…, scale=…, max_weight=…, max_sites=…)` and `dp(noise_multiplier=…, l2_clip=…,
@@ -85,83 +83,9 @@ pub fn epsilon_for_round(study: &StudyConfig, round: u32) -> Option<f64> {
     }
 }
 
-/// The privacy part of the status view.
-pub fn status(shared: &Shared) -> pb::PrivacyStatus {
-    let f = &shared.study.federation;
-    let (roster, last_abort, aborted, completed, total) = {
-        let c = lock(&shared.coord);
-        let roster: Vec<String> =
-            c.current_task().and_then(|t| t.roster.as_ref()).map(|r| r.keys().cloned().collect()).unwrap_or_default();
-        let (last, n) = c.secure_aggregation_aborts();
-        (roster, last.unwrap_or_default().to_string(), n, c.completed_rounds(), c.total_rounds())
-    };
-    let mut p = pb::PrivacyStatus {
-        secure_aggregation: f.secure_aggregation,
-        roster,
-        last_abort,
-        aborted_attempts: aborted,
-        ..Default::default()
-    };
-    if let Some(dp) = &f.dp {
-        p.dp = true;
-        p.noise_multiplier = dp.noise_multiplier;
-        p.l2_clip = dp.l2_clip;
-        p.delta = dp.delta;
-        p.epsilon = epsilon_for_round(&shared.study, completed).unwrap_or_default();
-        p.epsilon_budget = dp.epsilon_budget.unwrap_or_default();
-        p.rounds_allowed = if dp.epsilon_budget.is_some() { total } else { 0 };
-    }
-    p
-}
-
-/// The privacy part of the status JSON (`null` fields where they do not apply).
-pub fn status_json(p: Option<&pb::PrivacyStatus>) -> serde_json::Value {
-    let Some(p) = p else { return serde_json::Value::Null };
-    let dp = p.dp.then(|| {
-        serde_json::json!({
-            "noise_multiplier": p.noise_multiplier, "l2_clip": p.l2_clip, "delta": p.delta, "epsilon": p.epsilon,
-            "epsilon_budget": (p.epsilon_budget > 0.0).then_some(p.epsilon_budget),
-            "rounds_allowed": (p.rounds_allowed > 0).then_some(p.rounds_allowed),
-        })
-    });
-    serde_json::json!({
-        "secure_aggregation": p.secure_aggregation,
-        "roster": p.roster,
-        "last_abort": (!p.last_abort.is_empty()).then_some(&p.last_abort),
-        "aborted_attempts": p.aborted_attempts,
-        "dp": dp,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_status_json_leaves_out_what_does_not_apply() {
-        assert!(status_json(None).is_null());
-        let plain = status_json(Some(&pb::PrivacyStatus { secure_aggregation: true, ..Default::default() }));
-        assert_eq!(plain["secure_aggregation"], true);
-        assert!(plain["dp"].is_null() && plain["last_abort"].is_null());
-        let p = pb::PrivacyStatus {
-            secure_aggregation: true,
-            roster: vec!["a".into(), "b".into()],
-            last_abort: "r1a1: secure aggregation: c dropped out".into(),
-            aborted_attempts: 1,
-            dp: true,
-            noise_multiplier: 1.0,
-            l2_clip: 0.5,
-            delta: 1e-5,
-            epsilon: 4.75,
-            epsilon_budget: 0.0,
-            rounds_allowed: 0,
-        };
-        let j = status_json(Some(&p));
-        assert_eq!(j["roster"], serde_json::json!(["a", "b"]));
-        assert_eq!((j["aborted_attempts"].as_u64(), j["dp"]["epsilon"].as_f64()), (Some(1), Some(4.75)));
-        assert!(j["dp"]["epsilon_budget"].is_null() && j["dp"]["rounds_allowed"].is_null(), "no budget: {j}");
-        assert!(j["last_abort"].as_str().unwrap().contains("c dropped out"));
-    }
 
     #[test]
     fn the_settings_a_run_keeps_name_the_fixed_point_and_the_noise() {

@@ -113,6 +113,20 @@ fn message_entry(
     Entry::of_bytes(direction, site, task_id, round, kind, &m.encode_to_vec())
 }
 
+/// The reason (a `/metrics` label) behind a refusal the service answered with `code`.
+fn refusal_reason(code: tonic::Code) -> RefusalReason {
+    match code {
+        tonic::Code::FailedPrecondition => RefusalReason::Precondition,
+        tonic::Code::AlreadyExists => RefusalReason::Duplicate,
+        tonic::Code::PermissionDenied => RefusalReason::NotSelected,
+        tonic::Code::InvalidArgument | tonic::Code::OutOfRange => RefusalReason::Malformed,
+        tonic::Code::DataLoss => RefusalReason::Checksum,
+        tonic::Code::DeadlineExceeded => RefusalReason::Timeout,
+        tonic::Code::ResourceExhausted => RefusalReason::RateLimited,
+        _ => RefusalReason::Other,
+    }
+}
+
 impl FederationService {
     /// The caller's identity from its verified certificate.
     fn identity<T>(&self, req: &Request<T>) -> Result<PeerIdentity, Status> {
@@ -173,7 +187,7 @@ impl FederationService {
 
     fn refuse(&self, site: &str, status: Status) -> Status {
         tracing::warn!(site, code = ?status.code(), reason = status.message(), "request refused");
-        self.shared.refused(Some(site), RefusalReason::from_code(status.code()), status.message());
+        self.shared.refused(Some(site), refusal_reason(status.code()), status.message());
         status
     }
 
@@ -732,6 +746,14 @@ fn uuid_like() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_refusal_code_has_its_metrics_reason() {
+        assert_eq!(refusal_reason(tonic::Code::AlreadyExists), RefusalReason::Duplicate);
+        assert_eq!(refusal_reason(tonic::Code::DataLoss), RefusalReason::Checksum);
+        assert_eq!(refusal_reason(tonic::Code::OutOfRange), RefusalReason::Malformed);
+        assert_eq!(refusal_reason(tonic::Code::Internal), RefusalReason::Other);
+    }
     use fedhcc_core::params::ParameterSet;
     use fedhcc_core::standardisation::unset_tensors;
 

@@ -65,7 +65,7 @@ pub fn status_reply(shared: &Shared) -> pb::StatusReply {
         rounds,
         model_fingerprint: shared.global().map(|g| g.fingerprint().to_hex()).unwrap_or_default(),
         admin: Some(admin::admin_view(shared)),
-        privacy: Some(privacy::status(shared)),
+        privacy: Some(privacy_status(shared)),
     }
 }
 
@@ -78,7 +78,7 @@ pub fn status_json(reply: &pb::StatusReply) -> serde_json::Value {
         "current_round": reply.current_round, "total_rounds": reply.total_rounds, "attempt": reply.attempt,
         "model_fingerprint": reply.model_fingerprint,
         "admin": admin::admin_json(reply.admin.as_ref()),
-        "privacy": privacy::status_json(reply.privacy.as_ref()),
+        "privacy": privacy_status_json(reply.privacy.as_ref()),
         "sites": reply.sites.iter().map(|s| serde_json::json!({
             "site_id": s.site_id, "connected": s.connected, "last_seen_unix": s.last_seen_unix,
             "rounds_contributed": s.rounds_contributed, "last_refusal": s.last_refusal,
@@ -90,4 +90,83 @@ pub fn status_json(reply: &pb::StatusReply) -> serde_json::Value {
             "checkpoint_sha256": r.checkpoint_sha256, "secure_aggregation": r.secure_aggregation,
             "epsilon": r.epsilon})).collect::<Vec<_>>(),
     })
+}
+
+/// The privacy part of the status view.
+pub fn privacy_status(shared: &Shared) -> pb::PrivacyStatus {
+    let f = &shared.study.federation;
+    let (roster, last_abort, aborted, completed, total) = {
+        let c = lock(&shared.coord);
+        let roster: Vec<String> =
+            c.current_task().and_then(|t| t.roster.as_ref()).map(|r| r.keys().cloned().collect()).unwrap_or_default();
+        let (last, n) = c.secure_aggregation_aborts();
+        (roster, last.unwrap_or_default().to_string(), n, c.completed_rounds(), c.total_rounds())
+    };
+    let mut p = pb::PrivacyStatus {
+        secure_aggregation: f.secure_aggregation,
+        roster,
+        last_abort,
+        aborted_attempts: aborted,
+        ..Default::default()
+    };
+    if let Some(dp) = &f.dp {
+        p.dp = true;
+        p.noise_multiplier = dp.noise_multiplier;
+        p.l2_clip = dp.l2_clip;
+        p.delta = dp.delta;
+        p.epsilon = privacy::epsilon_for_round(&shared.study, completed).unwrap_or_default();
+        p.epsilon_budget = dp.epsilon_budget.unwrap_or_default();
+        p.rounds_allowed = if dp.epsilon_budget.is_some() { total } else { 0 };
+    }
+    p
+}
+
+/// The privacy part of the status JSON (`null` fields where they do not apply).
+pub fn privacy_status_json(p: Option<&pb::PrivacyStatus>) -> serde_json::Value {
+    let Some(p) = p else { return serde_json::Value::Null };
+    let dp = p.dp.then(|| {
+        serde_json::json!({
+            "noise_multiplier": p.noise_multiplier, "l2_clip": p.l2_clip, "delta": p.delta, "epsilon": p.epsilon,
+            "epsilon_budget": (p.epsilon_budget > 0.0).then_some(p.epsilon_budget),
+            "rounds_allowed": (p.rounds_allowed > 0).then_some(p.rounds_allowed),
+        })
+    });
+    serde_json::json!({
+        "secure_aggregation": p.secure_aggregation,
+        "roster": p.roster,
+        "last_abort": (!p.last_abort.is_empty()).then_some(&p.last_abort),
+        "aborted_attempts": p.aborted_attempts,
+        "dp": dp,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_json_leaves_out_what_does_not_apply() {
+        assert!(privacy_status_json(None).is_null());
+        let plain = privacy_status_json(Some(&pb::PrivacyStatus { secure_aggregation: true, ..Default::default() }));
+        assert_eq!(plain["secure_aggregation"], true);
+        assert!(plain["dp"].is_null() && plain["last_abort"].is_null());
+        let p = pb::PrivacyStatus {
+            secure_aggregation: true,
+            roster: vec!["a".into(), "b".into()],
+            last_abort: "r1a1: secure aggregation: c dropped out".into(),
+            aborted_attempts: 1,
+            dp: true,
+            noise_multiplier: 1.0,
+            l2_clip: 0.5,
+            delta: 1e-5,
+            epsilon: 4.75,
+            epsilon_budget: 0.0,
+            rounds_allowed: 0,
+        };
+        let j = privacy_status_json(Some(&p));
+        assert_eq!(j["roster"], serde_json::json!(["a", "b"]));
+        assert_eq!((j["aborted_attempts"].as_u64(), j["dp"]["epsilon"].as_f64()), (Some(1), Some(4.75)));
+        assert!(j["dp"]["epsilon_budget"].is_null() && j["dp"]["rounds_allowed"].is_null(), "no budget: {j}");
+        assert!(j["last_abort"].as_str().unwrap().contains("c dropped out"));
+    }
 }
