@@ -214,12 +214,13 @@ pub(crate) fn guarded<T>(backend: BackendKind, work: impl FnOnce() -> Result<T, 
 /// driver library from its own thread (that panic's text, naming the library files it looked for,
 /// is on standard error above), so what reaches here may only say that the device never started.
 fn with_hint(backend: BackendKind, message: String) -> String {
-    match backend.as_str() {
-        "cuda" => format!(
+    match backend {
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => format!(
             "{message} (the cuda backend needs an NVIDIA GPU and the NVIDIA driver's libcuda on this machine; \
              `nvidia-smi` should list the GPU, and the lines above name the library files that were looked for)"
         ),
-        _ => message,
+        BackendKind::Flex | BackendKind::Ndarray => message,
     }
 }
 
