@@ -1,6 +1,12 @@
-//! Executors: what a site's client does with a task. `ClinicalExecutor` trains the study's burn
-//! model on the site's `clinical.csv`; `NoiseExecutor` (benchmarks) returns the global model plus
-//! small noise without training, to measure the framework alone.
+//! Executors: what a site's client does with a task.
+//!
+//! One [`SiteExecutor`] serves every study model: it owns what all of them share (the model
+//! fingerprint, the site's feature sums, federated standardisation of the inputs, pooling sites,
+//! the evaluation summary), and a [`SiteData`] does the model's own part (standardise its inputs,
+//! train, score). [`crate::clinical::ClinicalExecutor`] runs it over `clinical.csv`,
+//! [`crate::mm_executor::MultimodalExecutor`] over the MRI crops, slide features and clinical rows.
+//! `NoiseExecutor` (benchmarks) returns the global model plus small noise without training, to
+//! measure the framework alone.
 
 use crate::study::StudyModel;
 use anyhow::{Context, Result, bail};
@@ -11,76 +17,192 @@ use fedhcc_core::aggregation::LocalParameters;
 use fedhcc_core::config::StudyConfig;
 use fedhcc_core::params::{Fingerprint, ParameterSet};
 use fedhcc_core::standardisation::GroupSums;
-use fedhcc_model::{BackendKind, ClinicalModelConfig, Dataset, TrainParams};
+use fedhcc_model::TrainParams;
 use fedhcc_stats::federated::{EvaluationSettings, SitePredictions};
 use std::path::Path;
 
-/// A site's labelled rows, encoded for the model.
-#[derive(Clone)]
-struct Rows {
-    x: Vec<f32>,
-    y: Vec<f32>,
-    n: usize,
-    /// Patient ids, row by row (never sent anywhere; `fedhcc train --test-ids`).
-    ids: Vec<String>,
+pub use crate::clinical::ClinicalExecutor;
+
+/// The `(mean, std)` of each group of a site's feature sums, in the order of those sums.
+pub type GroupStats = Vec<(Vec<f32>, Vec<f32>)>;
+
+/// A split's evaluation before the summary: what [`SiteData::evaluate`] returns.
+pub struct SplitEvaluation {
+    /// Patients the aggregate metrics are over.
+    pub num_samples: u64,
+    /// Aggregate metrics (`loss`, `auc`, `n_positive`, …).
+    pub metrics: Vec<(String, f64)>,
+    /// Every patient of the split, scored (patient-level: stays at the site).
+    pub predictions: SitePredictions,
 }
 
-impl Rows {
-    fn from_matrix(m: &DesignMatrix, cohort: &Cohort) -> Self {
-        let mut x = Vec::new();
-        let mut y = Vec::new();
-        let mut ids = Vec::new();
-        for (i, label) in m.labels.iter().enumerate() {
-            if let Some(l) = label {
-                x.extend_from_slice(m.row(i));
-                y.push(*l);
-                ids.push(cohort.patients[m.patient_rows[i]].id.clone());
+/// One study model's site data: the part of an executor that differs from model to model. It holds
+/// its inputs unstandardised and a standardised copy the model reads. Splits are numbered as
+/// [`crate::site_evaluation::SPLITS`] (train 0, val 1, test 2); every `model` given is the
+/// trainable part of a global model, the inputs already standardised with the statistics it carries.
+pub trait SiteData: Send + 'static {
+    /// Remakes the standardised copy from the unstandardised inputs with `stats` (one entry per
+    /// group of the site's feature sums).
+    fn standardise(&mut self, stats: &GroupStats);
+    /// Appends `other`'s patients, split by split (several sites pooled).
+    fn append(&mut self, other: Self);
+    /// The training patients: the site's FedAvg weight.
+    fn num_samples(&self) -> u64;
+    /// The ids of the test split's patients, in evaluation order.
+    fn test_ids(&self) -> Vec<String>;
+    /// Local training from `model`; the result's parameters are the trainable part.
+    ///
+    /// # Errors
+    /// What the model refuses, or cancellation.
+    fn train(&self, model: &ParameterSet, spec: &TrainSpec, ctl: &TaskControl) -> Result<TrainResult, ExecutorError>;
+    /// Split `k`'s aggregate metrics and scored patients.
+    ///
+    /// # Errors
+    /// An empty split, or what the model refuses.
+    fn evaluate(&self, model: &ParameterSet, k: usize) -> Result<SplitEvaluation, ExecutorError>;
+    /// Split `k`'s patients scored by `model`.
+    ///
+    /// # Errors
+    /// What the model refuses.
+    fn score(&self, model: &ParameterSet, k: usize) -> Result<SitePredictions, ExecutorError>;
+}
+
+/// Trains and evaluates the study's model on one site's data (or several sites' pooled).
+pub struct SiteExecutor<D> {
+    data: D,
+    fingerprint: Fingerprint,
+    /// This site's training-split sums, one per group the model standardises (pooled over the
+    /// parts in `--mode central`).
+    local: Vec<GroupSums>,
+    /// The statistics the data are standardised with.
+    applied: Option<GroupStats>,
+    /// How an evaluation is summarised.
+    evaluation: EvaluationSettings,
+}
+
+impl<D: SiteData> SiteExecutor<D> {
+    /// An executor over `data`, standardised with the site's own statistics until a task's model
+    /// carries pooled ones.
+    pub(crate) fn new(
+        data: D,
+        fingerprint: Fingerprint,
+        local: Vec<GroupSums>,
+        evaluation: EvaluationSettings,
+    ) -> Self {
+        let mut exec = Self { data, fingerprint, local, applied: None, evaluation };
+        let own = exec.local.iter().map(GroupSums::mean_std).collect();
+        exec.apply(own);
+        exec
+    }
+
+    /// The model-specific data.
+    pub(crate) fn data(&self) -> &D {
+        &self.data
+    }
+
+    /// The ids of the test split's patients, in evaluation order.
+    pub fn test_ids(&self) -> Vec<String> {
+        self.data.test_ids()
+    }
+
+    /// Every patient of `split` (`train`, `val`, `test`, or `all` of them in that order) with an
+    /// outcome, scored by `global` (standardised with the statistics it carries, else this site's
+    /// own). Patient-level: for this site only (`fedhcc validate`).
+    ///
+    /// # Errors
+    /// An unknown split, or a model the site's inputs do not fit.
+    pub fn predictions(&mut self, global: &ParameterSet, split: &str) -> Result<SitePredictions, ExecutorError> {
+        let model = self.prepare(global)?;
+        crate::site_evaluation::split_predictions(split, |k| self.data.score(&model, k))
+    }
+
+    /// One executor over several sites' data (`fedhcc train --mode central`, a simulation): the
+    /// data are concatenated split by split and standardised with the sites' pooled statistics,
+    /// exactly what a federated run's statistics exchange gives.
+    ///
+    /// # Errors
+    /// No part given, or parts of different models.
+    pub fn pooled(parts: Vec<Self>) -> Result<Self> {
+        let mut it = parts.into_iter();
+        let first = it.next().context("no site to pool")?;
+        let (mut data, fingerprint, evaluation) = (first.data, first.fingerprint, first.evaluation);
+        let mut sums: Vec<Vec<GroupSums>> = first.local.into_iter().map(|g| vec![g]).collect();
+        for p in it {
+            if p.fingerprint != fingerprint || p.local.len() != sums.len() {
+                bail!("the sites train different models (fingerprints {fingerprint} and {})", p.fingerprint);
+            }
+            data.append(p.data);
+            for (into, g) in sums.iter_mut().zip(p.local) {
+                into.push(g);
             }
         }
-        let n = y.len();
-        Self { x, y, n, ids }
+        let local = sums
+            .iter()
+            .map(|parts| GroupSums::merge(&parts.iter().collect::<Vec<_>>()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Self::new(data, fingerprint, local, evaluation))
     }
 
-    fn dataset(&self, d: usize) -> Dataset<'_> {
-        Dataset { x: &self.x, n: self.n, d, y: &self.y }
-    }
-}
-
-/// Every patient of a split with a label or a survival outcome, encoded: what an evaluation scores.
-/// Patient-level: never sent anywhere.
-#[derive(Clone, Default)]
-struct Scored {
-    x: Vec<f32>,
-    n: usize,
-    label: Vec<Option<bool>>,
-    rfs: Vec<Option<(f64, bool)>>,
-    os: Vec<Option<(f64, bool)>>,
-}
-
-impl Scored {
-    fn from_matrix(m: &DesignMatrix, cohort: &Cohort) -> Self {
-        let mut s = Self::default();
-        for i in 0..m.n {
-            let label = m.labels[i].map(|l| l > 0.5);
-            let (rfs, os) = (m.survival[i], cohort.patients[m.patient_rows[i]].os);
-            if label.is_none() && rfs.is_none() && os.is_none() {
-                continue;
-            }
-            s.x.extend_from_slice(m.row(i));
-            s.label.push(label);
-            s.rfs.push(rfs);
-            s.os.push(os);
-            s.n += 1;
+    /// Standardises the data with `stats` unless they already are.
+    fn apply(&mut self, stats: GroupStats) {
+        if self.applied.as_ref() == Some(&stats) {
+            return;
         }
-        s
+        self.data.standardise(&stats);
+        self.applied = Some(stats);
     }
 
-    fn append(&mut self, other: Scored) {
-        self.x.extend(other.x);
-        self.n += other.n;
-        self.label.extend(other.label);
-        self.rfs.extend(other.rfs);
-        self.os.extend(other.os);
+    /// Applies the statistics `global` carries (else this site's own) and returns its trainable part.
+    fn prepare(&mut self, global: &ParameterSet) -> Result<ParameterSet, ExecutorError> {
+        let stats = self.local.iter().map(|g| crate::standardise::resolve(global, &g.group, g)).collect();
+        self.apply(stats);
+        crate::standardise::trainable(global)
+    }
+}
+
+impl<D: SiteData> Executor for SiteExecutor<D> {
+    fn fingerprint(&self) -> Option<Fingerprint> {
+        Some(self.fingerprint)
+    }
+
+    fn num_samples(&self) -> u64 {
+        self.data.num_samples()
+    }
+
+    fn train(
+        &mut self,
+        global: &ParameterSet,
+        spec: &TrainSpec,
+        ctl: &TaskControl,
+    ) -> Result<TrainResult, ExecutorError> {
+        let model = self.prepare(global)?;
+        let out = self.data.train(&model, spec, ctl)?;
+        let params = crate::standardise::with_frozen(out.params, global)?;
+        Ok(TrainResult { params, ..out })
+    }
+
+    fn statistics(&mut self) -> Result<Vec<GroupSums>, ExecutorError> {
+        Ok(self.local.clone())
+    }
+
+    fn evaluate(
+        &mut self,
+        global: &ParameterSet,
+        split: &str,
+        _ctl: &TaskControl,
+    ) -> Result<EvalResult, ExecutorError> {
+        let model = self.prepare(global)?;
+        let k = match split {
+            "val" => 1,
+            "test" => 2,
+            other => return Err(ExecutorError(format!("unknown split '{other}' (test or val)"))),
+        };
+        let ev = self.data.evaluate(&model, k)?;
+        // The summary: every patient of the split, the cut-off from the training split.
+        let train = if self.evaluation.cutoff.is_none() { Some(self.data.score(&model, 0)?) } else { None };
+        let summary = crate::site_evaluation::summarise(&ev.predictions, train.as_ref(), &self.evaluation);
+        Ok(EvalResult { num_samples: ev.num_samples, metrics: ev.metrics, summary })
     }
 }
 
@@ -135,182 +257,6 @@ impl SiteSplits {
     }
 }
 
-/// Trains and evaluates the study's clinical model on one site's data.
-pub struct ClinicalExecutor {
-    cfg: ClinicalModelConfig,
-    fingerprint: Fingerprint,
-    backend: BackendKind,
-    /// Unstandardised rows per split (train, val, test) and the standardised copies the model reads.
-    raw: [Rows; 3],
-    train: Rows,
-    val: Rows,
-    test: Rows,
-    /// This site's training-split sums (pooled over the parts in `--mode central`).
-    local: GroupSums,
-    positions: Vec<(usize, usize)>,
-    /// The `(mean, std)` the standardised copies were made with.
-    applied: Option<(Vec<f32>, Vec<f32>)>,
-    /// Every patient to score per split (train, val, test): unstandardised, and the copies the model
-    /// reads.
-    scored_raw: [Scored; 3],
-    scored: [Scored; 3],
-    /// How an evaluation is summarised.
-    evaluation: EvaluationSettings,
-}
-
-impl ClinicalExecutor {
-    /// Loads `data_dir/clinical.csv`, splits it, and encodes it (standardised with the statistics
-    /// each task's model carries; see [`crate::standardise`]).
-    ///
-    /// # Errors
-    /// The cohort cannot be read, or too few labelled patients remain to train.
-    pub fn load(data_dir: &Path, study: &StudyModel, backend: BackendKind) -> Result<Self> {
-        let cfg = study.clinical_config().context("this study's model is not a clinical model")?;
-        let site = SiteSplits::load(data_dir, study)?;
-        let raw = [
-            Rows::from_matrix(&site.train, &site.cohort),
-            Rows::from_matrix(&site.val, &site.cohort),
-            Rows::from_matrix(&site.test, &site.cohort),
-        ];
-        if raw[0].n < 2 {
-            bail!("{}: only {} labelled training patients; at least 2 are needed", site.csv.display(), raw[0].n);
-        }
-        let fingerprint = study.initial_params(0)?.fingerprint();
-        tracing::info!(train = raw[0].n, val = raw[1].n, test = raw[2].n, "site cohort ready");
-        let local = crate::standardise::clinical_sums(&site.stats);
-        let scored_raw = [&site.train, &site.val, &site.test].map(|m| Scored::from_matrix(m, &site.cohort));
-        let mut exec = Self {
-            cfg,
-            fingerprint,
-            backend,
-            train: raw[0].clone(),
-            val: raw[1].clone(),
-            test: raw[2].clone(),
-            raw,
-            local,
-            positions: site.positions,
-            applied: None,
-            scored: scored_raw.clone(),
-            scored_raw,
-            evaluation: study.evaluation.clone(),
-        };
-        let own = exec.local.mean_std();
-        exec.apply(own);
-        Ok(exec)
-    }
-
-    /// The ids of the test split's patients, in evaluation order.
-    pub fn test_ids(&self) -> Vec<String> {
-        self.raw[2].ids.clone()
-    }
-
-    /// Every patient of `split` (`train`, `val`, `test`, or `all` of them in that order) with a label
-    /// or a survival outcome, scored by `global` (standardised with the statistics it carries, else
-    /// this site's own). Patient-level: for this site only (`fedhcc validate`).
-    ///
-    /// # Errors
-    /// An unknown split, or a model the site's inputs do not fit.
-    pub fn predictions(&mut self, global: &ParameterSet, split: &str) -> Result<SitePredictions, ExecutorError> {
-        let model = self.prepare(global)?;
-        crate::site_evaluation::split_predictions(split, |k| self.score(&model, k))
-    }
-
-    /// The design-matrix rows, before standardisation, of the patients [`Self::predictions`] scores
-    /// for `split`, in the same order (`inputs` values per patient). Patient-level: for this site
-    /// only (`fedhcc validate --write-inputs`).
-    ///
-    /// # Errors
-    /// An unknown split.
-    pub fn raw_inputs(&self, split: &str) -> Result<Vec<f32>, ExecutorError> {
-        let splits = if split == "all" {
-            (0..crate::site_evaluation::SPLITS.len()).collect()
-        } else {
-            vec![crate::site_evaluation::split_index(split)?]
-        };
-        Ok(splits.into_iter().flat_map(|k| self.scored_raw[k].x.iter().copied()).collect())
-    }
-
-    /// Split `k`'s patients scored by `model` (a trainable part, inputs prepared).
-    fn score(&self, model: &ParameterSet, k: usize) -> Result<SitePredictions, ExecutorError> {
-        let s = &self.scored[k];
-        let mut out = SitePredictions {
-            score: Vec::with_capacity(s.n),
-            label: s.label.clone(),
-            rfs: s.rfs.clone(),
-            os: s.os.clone(),
-        };
-        if s.n > 0 {
-            let y = vec![0.0; s.n];
-            let data = Dataset { x: &s.x, n: s.n, d: self.cfg.inputs, y: &y };
-            let ev = fedhcc_model::evaluate(&self.cfg, model, &data, self.backend)
-                .map_err(|e| ExecutorError(e.to_string()))?;
-            out.score.extend(ev.scores.iter().map(|&p| f64::from(p)));
-        }
-        Ok(out)
-    }
-
-    /// Standardises the rows with `stats` unless they already are.
-    fn apply(&mut self, stats: (Vec<f32>, Vec<f32>)) {
-        if self.applied.as_ref() == Some(&stats) {
-            return;
-        }
-        let (mean, std) = &stats;
-        let d = self.cfg.inputs;
-        for (raw, out) in self.raw.iter().zip([&mut self.train, &mut self.val, &mut self.test]) {
-            // Whole rows: after pooling, the counts, labels and ids change with the values.
-            out.clone_from(raw);
-            for row in out.x.chunks_exact_mut(d.max(1)) {
-                fedhcc_cohort::standardise_row(&self.positions, row, mean, std);
-            }
-        }
-        for (raw, out) in self.scored_raw.iter().zip(&mut self.scored) {
-            out.clone_from(raw);
-            for row in out.x.chunks_exact_mut(d.max(1)) {
-                fedhcc_cohort::standardise_row(&self.positions, row, mean, std);
-            }
-        }
-        self.applied = Some(stats);
-    }
-
-    /// Applies the statistics `global` carries (else this site's own) and returns its trainable part.
-    fn prepare(&mut self, global: &ParameterSet) -> Result<ParameterSet, ExecutorError> {
-        let stats = crate::standardise::resolve(global, crate::standardise::CLINICAL, &self.local);
-        self.apply(stats);
-        crate::standardise::trainable(global)
-    }
-
-    /// One executor over several sites' rows (`fedhcc train --mode central`, a simulation): the
-    /// rows are concatenated split by split and standardised with the sites' pooled statistics,
-    /// exactly what a federated run's statistics exchange gives.
-    ///
-    /// # Errors
-    /// No part given.
-    pub fn pooled(parts: Vec<Self>) -> Result<Self> {
-        let mut it = parts.into_iter();
-        let mut all = it.next().context("no site to pool")?;
-        let mut sums = vec![all.local.clone()];
-        for p in it {
-            let [a, b, c] = p.raw;
-            for (into, from) in all.raw.iter_mut().zip([a, b, c]) {
-                into.x.extend(from.x);
-                into.y.extend(from.y);
-                into.n += from.n;
-                into.ids.extend(from.ids);
-            }
-            for (into, from) in all.scored_raw.iter_mut().zip(p.scored_raw) {
-                into.append(from);
-            }
-            sums.push(p.local);
-        }
-        all.local = GroupSums::merge(&sums.iter().collect::<Vec<_>>()).map_err(|e| anyhow::anyhow!("{e}"))?;
-        all.applied = None;
-        all.scored = all.scored_raw.clone();
-        let pooled = all.local.mean_std();
-        all.apply(pooled);
-        Ok(all)
-    }
-}
-
 /// The local-training parameters of a train task.
 pub fn train_params(spec: &TrainSpec) -> TrainParams {
     TrainParams {
@@ -321,87 +267,6 @@ pub fn train_params(spec: &TrainSpec) -> TrainParams {
         seed: spec.seed,
         pos_weight: None,
         prox_mu: spec.prox_mu,
-    }
-}
-
-impl Executor for ClinicalExecutor {
-    fn fingerprint(&self) -> Option<Fingerprint> {
-        Some(self.fingerprint)
-    }
-
-    fn num_samples(&self) -> u64 {
-        self.train.n as u64
-    }
-
-    fn train(
-        &mut self,
-        global: &ParameterSet,
-        spec: &TrainSpec,
-        ctl: &TaskControl,
-    ) -> Result<TrainResult, ExecutorError> {
-        let model = self.prepare(global)?;
-        let tp = train_params(spec);
-        let cancel = || ctl.is_cancelled();
-        let mut progress = |epoch: usize, epochs: usize, loss: f64| {
-            ctl.report_progress(epoch as u64, epochs as u64);
-            tracing::info!(round = spec.round, epoch, epochs, loss = format!("{loss:.4}"), "local training");
-        };
-        let out = fedhcc_model::train_local(
-            &self.cfg,
-            &model,
-            &self.train.dataset(self.cfg.inputs),
-            &tp,
-            self.backend,
-            &cancel,
-            &mut progress,
-        )
-        .map_err(|e| ExecutorError(e.to_string()))?;
-        let mut metrics = vec![("train_loss".to_string(), out.train_loss), ("steps".to_string(), out.steps as f64)];
-        if self.val.n > 0
-            && let Ok(ev) =
-                fedhcc_model::evaluate(&self.cfg, &out.params, &self.val.dataset(self.cfg.inputs), self.backend)
-        {
-            metrics.push(("val_loss".into(), ev.loss));
-            if let Some(auc) = fedhcc_model::auc(&ev.scores, &self.val.y) {
-                metrics.push(("val_auc".into(), auc));
-            }
-        }
-        let params = crate::standardise::with_frozen(out.params, global)?;
-        Ok(TrainResult { params, num_samples: out.samples as u64, metrics })
-    }
-
-    fn statistics(&mut self) -> Result<Vec<GroupSums>, ExecutorError> {
-        Ok(vec![self.local.clone()])
-    }
-
-    fn evaluate(
-        &mut self,
-        global: &ParameterSet,
-        split: &str,
-        _ctl: &TaskControl,
-    ) -> Result<EvalResult, ExecutorError> {
-        let model = self.prepare(global)?;
-        let rows = match split {
-            "val" => &self.val,
-            "test" => &self.test,
-            other => return Err(ExecutorError(format!("unknown split '{other}' (test or val)"))),
-        };
-        if rows.n == 0 {
-            return Err(ExecutorError(format!("the '{split}' split has no labelled patient")));
-        }
-        let ev = fedhcc_model::evaluate(&self.cfg, &model, &rows.dataset(self.cfg.inputs), self.backend)
-            .map_err(|e| ExecutorError(e.to_string()))?;
-        let positives = rows.y.iter().filter(|&&v| v > 0.5).count();
-        let mut metrics = vec![("loss".to_string(), ev.loss), ("n_positive".to_string(), positives as f64)];
-        if let Some(auc) = fedhcc_model::auc(&ev.scores, &rows.y) {
-            metrics.push(("auc".into(), auc));
-        }
-        // The summary: every patient of the split, the cut-off from the training split.
-        let k = crate::site_evaluation::split_index(split)?;
-        let test = self.score(&model, k)?;
-        let train = if self.evaluation.cutoff.is_none() { Some(self.score(&model, 0)?) } else { None };
-        let summary = crate::site_evaluation::summarise(&test, train.as_ref(), &self.evaluation);
-        Ok(EvalResult { num_samples: ev.n as u64, metrics, summary })
     }
 }
 
@@ -432,17 +297,42 @@ pub fn site_executor<E: Executor>(
     Ok(Box::new(wrapped))
 }
 
-/// Benchmark executor: no training, the global model plus uniform noise of ±1e-3. The noise comes
-/// from xorshift64* (not a cryptographic generator): the benchmark measures the framework, not the
-/// random number generator.
+/// An executor that trains nothing, for benchmarks, drills and the federation tests: the global
+/// model plus uniform noise of ±1e-3 ([`Self::new`]), or plus one exact shift ([`Self::shift`]: an
+/// update whose FedAvg is known to the last bit). The noise comes from xorshift64* (not a
+/// cryptographic generator): the benchmark measures the framework, not the random number generator.
 pub struct NoiseExecutor {
     pub samples: u64,
     state: u64,
+    /// Added to every value after the noise.
+    shift: f32,
+    /// The noise's half-width; 0 adds `shift` alone.
+    amplitude: f32,
+    /// How long a train task takes (a site's training time), cancellable.
+    pause: std::time::Duration,
 }
 
 impl NoiseExecutor {
+    /// Noise of ±1e-3 from `seed`, reported with `samples` training patients.
     pub fn new(samples: u64, seed: u64) -> Self {
-        Self { samples, state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1 }
+        Self {
+            samples,
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            shift: 0.0,
+            amplitude: 1e-3,
+            pause: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Every value moved by exactly `shift`, no noise.
+    pub fn shift(shift: f32, samples: u64) -> Self {
+        Self { shift, amplitude: 0.0, ..Self::new(samples, 0) }
+    }
+
+    /// Each train task takes `pause` before it answers (cancelled as a real training is).
+    #[must_use]
+    pub fn with_pause(self, pause: std::time::Duration) -> Self {
+        Self { pause, ..self }
     }
 
     fn next_unit(&mut self) -> f32 {
@@ -465,11 +355,22 @@ impl Executor for NoiseExecutor {
         &mut self,
         global: &ParameterSet,
         _spec: &TrainSpec,
-        _ctl: &TaskControl,
+        ctl: &TaskControl,
     ) -> Result<TrainResult, ExecutorError> {
+        let until = std::time::Instant::now() + self.pause;
+        while std::time::Instant::now() < until {
+            if ctl.is_cancelled() {
+                return Err(ExecutorError("cancelled".into()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5).min(self.pause));
+        }
         let mut p = global.clone();
-        for v in p.values_mut() {
-            *v += 1e-3 * self.next_unit();
+        if self.amplitude == 0.0 {
+            p.values_mut().iter_mut().for_each(|v| *v += self.shift);
+        } else {
+            for v in p.values_mut() {
+                *v += self.amplitude * self.next_unit() + self.shift;
+            }
         }
         Ok(TrainResult { params: p, num_samples: self.samples, metrics: vec![("train_loss".into(), 0.0)] })
     }

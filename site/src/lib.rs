@@ -11,6 +11,7 @@
 //! - [`train`]: training without federation (`fit`, `Trainer`, pooled sites).
 //! - [`progress`]: progress lines for long jobs.
 
+pub mod clinical;
 pub mod executor;
 pub mod imaging_check;
 pub mod mm_executor;

@@ -9,19 +9,18 @@
 //! standardised with the pooled statistics the global model carries ([`crate::standardise`]);
 //! the executor keeps the unstandardised inputs to redo that when they change.
 
-use crate::executor::{SiteSplits, train_params};
+use crate::executor::{GroupStats, SiteData, SiteExecutor, SiteSplits, SplitEvaluation, train_params};
 use crate::preprocess::{Preprocessed, extractor, mri_settings, wsi_settings};
 use crate::study::StudyModel;
 use anyhow::{Context, Result, bail};
-use fedhcc_client::{EvalResult, Executor, ExecutorError, TaskControl, TrainResult, TrainSpec};
+use fedhcc_client::{ExecutorError, TaskControl, TrainResult, TrainSpec};
 use fedhcc_cohort::DesignMatrix;
-use fedhcc_core::params::{Fingerprint, ParameterSet};
-use fedhcc_core::standardisation::GroupSums;
+use fedhcc_core::params::ParameterSet;
 use fedhcc_model::{
     BackendKind, MultimodalConfig, MultimodalDataset, MultimodalEvalOutcome, MultimodalSample, MultimodalTrainOutcome,
     PatchBag, Survival, TrainParams,
 };
-use fedhcc_stats::federated::{EvaluationSettings, SitePredictions};
+use fedhcc_stats::federated::SitePredictions;
 use std::path::Path;
 
 /// Most patches kept per patient when several slides are concatenated (in slide-name order);
@@ -35,25 +34,21 @@ type RawInputs = (Vec<f32>, Option<PatchBag>);
 type OsColumn = Vec<Option<(f64, bool)>>;
 
 /// Trains and evaluates the study's multimodal model on one site's prepared data.
-pub struct MultimodalExecutor {
+pub type MultimodalExecutor = SiteExecutor<MultimodalData>;
+
+/// One site's (or several sites' pooled) patients for the multimodal model, unstandardised and as
+/// the model reads them.
+pub struct MultimodalData {
     cfg: MultimodalConfig,
-    fingerprint: Fingerprint,
     backend: BackendKind,
     train: MultimodalDataset,
     val: MultimodalDataset,
     test: MultimodalDataset,
     /// Unstandardised inputs of `train`, `val`, `test`, sample by sample.
     raw: [Vec<RawInputs>; 3],
-    /// This site's training-split sums (clinical, then wsi for the postoperative model); pooled
-    /// over the parts in `--mode central`.
-    local: Vec<GroupSums>,
     positions: Vec<(usize, usize)>,
-    /// The `(mean, std)` per group of `local` that the datasets are standardised with.
-    applied: Option<Vec<(Vec<f32>, Vec<f32>)>>,
     /// Overall survival of `train`, `val`, `test`, sample by sample (evaluation summaries).
     os: [OsColumn; 3],
-    /// How an evaluation is summarised.
-    evaluation: EvaluationSettings,
 }
 
 /// What loading found, for the log (counts only).
@@ -195,41 +190,21 @@ impl MultimodalExecutor {
         }
         let raw =
             [&train, &val, &test].map(|d| d.samples().iter().map(|s| (s.clinical.clone(), s.bag.clone())).collect());
-        let mut exec = Self {
+        let data = MultimodalData {
             cfg,
-            fingerprint,
             backend,
             train,
             val,
             test,
             raw,
-            local,
             positions: site.positions,
-            applied: None,
             os: [os_train, os_val, os_test],
-            evaluation: study.evaluation.clone(),
         };
-        let own = exec.local.iter().map(GroupSums::mean_std).collect();
-        exec.apply(own);
-        Ok(exec)
+        Ok(Self::new(data, fingerprint, local, study.evaluation.clone()))
     }
+}
 
-    /// The ids of the test split's patients, in evaluation order.
-    pub fn test_ids(&self) -> Vec<String> {
-        self.test.samples().iter().map(|s| s.id.clone()).collect()
-    }
-
-    /// Every patient of `split` (`train`, `val`, `test`, or `all` of them in that order) with a
-    /// prepared MRI and an outcome, scored by `global` (the probability of aggressive recurrence).
-    /// Patient-level: for this site only (`fedhcc validate`).
-    ///
-    /// # Errors
-    /// An unknown split, or what [`fedhcc_model::evaluate_multimodal`] refuses.
-    pub fn predictions(&mut self, global: &ParameterSet, split: &str) -> Result<SitePredictions, ExecutorError> {
-        let model = self.prepare(global)?;
-        crate::site_evaluation::split_predictions(split, |k| self.score(&model, k))
-    }
-
+impl MultimodalData {
     fn dataset(&self, k: usize) -> &MultimodalDataset {
         [&self.train, &self.val, &self.test][k]
     }
@@ -245,102 +220,8 @@ impl MultimodalExecutor {
         }
     }
 
-    /// Split `k`'s patients scored by `model` (a trainable part, inputs prepared).
-    fn score(&self, model: &ParameterSet, k: usize) -> Result<SitePredictions, ExecutorError> {
-        let data = self.dataset(k);
-        if data.is_empty() {
-            return Ok(SitePredictions::default());
-        }
-        let ev = fedhcc_model::evaluate_multimodal(&self.cfg, model, data, self.backend)
-            .map_err(|e| ExecutorError(e.to_string()))?;
-        Ok(self.scored(k, &ev.probabilities))
-    }
-
-    /// Standardises every patient's clinical row and patch features with `stats` (one `(mean,
-    /// std)` per group of `local`) unless they already are.
-    fn apply(&mut self, stats: Vec<(Vec<f32>, Vec<f32>)>) {
-        if self.applied.as_ref() == Some(&stats) {
-            return;
-        }
-        let (cm, cs) = &stats[0];
-        let wsi = stats.get(1);
-        for (data, raw) in [&mut self.train, &mut self.val, &mut self.test].into_iter().zip(&self.raw) {
-            for (sample, (row, bag)) in data.samples_mut().iter_mut().zip(raw) {
-                sample.clinical.clone_from(row);
-                fedhcc_cohort::standardise_row(&self.positions, &mut sample.clinical, cm, cs);
-                sample.bag = match (bag, wsi) {
-                    (Some(b), Some((m, s))) => Some(crate::standardise::standardise_bag(b, m, s)),
-                    (b, _) => b.clone(),
-                };
-            }
-        }
-        self.applied = Some(stats);
-    }
-
-    /// Applies the statistics `global` carries (else this site's own) and returns its trainable part.
-    fn prepare(&mut self, global: &ParameterSet) -> Result<ParameterSet, ExecutorError> {
-        let stats = self.local.iter().map(|g| crate::standardise::resolve(global, &g.group, g)).collect();
-        self.apply(stats);
-        crate::standardise::trainable(global)
-    }
-
-    /// One executor over several sites' data (`fedhcc train --mode central`, a simulation): the
-    /// data are concatenated split by split and standardised with the sites' pooled statistics,
-    /// exactly what a federated run's statistics exchange gives.
-    ///
-    /// # Errors
-    /// No part given, or parts of different models.
-    pub fn pooled(parts: Vec<Self>) -> Result<Self> {
-        let mut it = parts.into_iter();
-        let first = it.next().context("no site to pool")?;
-        let (mut train, mut val, mut test) =
-            (first.train.into_samples(), first.val.into_samples(), first.test.into_samples());
-        let mut raw = first.raw;
-        let mut os = first.os;
-        let mut sums: Vec<Vec<GroupSums>> = first.local.into_iter().map(|g| vec![g]).collect();
-        for p in it {
-            if p.fingerprint != first.fingerprint {
-                bail!("the sites train different models (fingerprints {} and {})", first.fingerprint, p.fingerprint);
-            }
-            train.extend(p.train.into_samples());
-            val.extend(p.val.into_samples());
-            test.extend(p.test.into_samples());
-            for (into, from) in raw.iter_mut().zip(p.raw) {
-                into.extend(from);
-            }
-            for (into, from) in os.iter_mut().zip(p.os) {
-                into.extend(from);
-            }
-            for (into, g) in sums.iter_mut().zip(p.local) {
-                into.push(g);
-            }
-        }
-        let local = sums
-            .iter()
-            .map(|parts| GroupSums::merge(&parts.iter().collect::<Vec<_>>()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut exec = Self {
-            cfg: first.cfg,
-            fingerprint: first.fingerprint,
-            backend: first.backend,
-            train: MultimodalDataset::new(train),
-            val: MultimodalDataset::new(val),
-            test: MultimodalDataset::new(test),
-            raw,
-            local,
-            positions: first.positions,
-            applied: None,
-            os,
-            evaluation: first.evaluation,
-        };
-        let pooled = exec.local.iter().map(GroupSums::mean_std).collect();
-        exec.apply(pooled);
-        Ok(exec)
-    }
-
     /// Local training from `global`, the trainable part of the task's model with the inputs already
-    /// standardised by [`Self::prepare`] (the function behind every mode: federated train tasks,
+    /// standardised (see [`SiteExecutor`]) (the function behind every mode: federated train tasks,
     /// `fedhcc train --mode local` and `--mode central`). Logs one line per epoch (aggregates
     /// only). Returns the outcome and the aggregate metrics reported to the server.
     ///
@@ -407,23 +288,73 @@ impl MultimodalExecutor {
         }
         Ok((out, metrics))
     }
+}
 
-    /// Aggregate metrics of `params` (a trainable part, inputs prepared) on `split` (`test` or `val`): `auc`, `c_index`, `loss` (the
-    /// training objective without regularisation), `bce`, `cox_nll`, `n_positive`.
-    ///
-    /// # Errors
-    /// An unknown or empty split, or what [`fedhcc_model::evaluate_multimodal`] refuses.
-    fn evaluate_split(&self, params: &ParameterSet, split: &str) -> Result<EvalResult, ExecutorError> {
-        let k = match split {
-            "val" => 1,
-            "test" => 2,
-            other => return Err(ExecutorError(format!("unknown split '{other}' (test or val)"))),
-        };
+/// `bce_weight · BCE + cox_weight · Cox` over the parts that exist; `None` when neither does.
+fn objective(cfg: &MultimodalConfig, ev: &MultimodalEvalOutcome) -> Option<f64> {
+    if ev.bce.is_none() && ev.cox.is_none() {
+        return None;
+    }
+    Some(cfg.loss.bce_weight * ev.bce.unwrap_or(0.0) + cfg.loss.cox_weight * ev.cox.unwrap_or(0.0))
+}
+
+impl SiteData for MultimodalData {
+    /// Every patient's clinical row and patch features (`stats`: clinical, then wsi for the
+    /// postoperative model).
+    fn standardise(&mut self, stats: &GroupStats) {
+        let (cm, cs) = &stats[0];
+        let wsi = stats.get(1);
+        for (data, raw) in [&mut self.train, &mut self.val, &mut self.test].into_iter().zip(&self.raw) {
+            for (sample, (row, bag)) in data.samples_mut().iter_mut().zip(raw) {
+                sample.clinical.clone_from(row);
+                fedhcc_cohort::standardise_row(&self.positions, &mut sample.clinical, cm, cs);
+                sample.bag = match (bag, wsi) {
+                    (Some(b), Some((m, s))) => Some(crate::standardise::standardise_bag(b, m, s)),
+                    (b, _) => b.clone(),
+                };
+            }
+        }
+    }
+
+    fn append(&mut self, other: Self) {
+        for (into, from) in
+            [&mut self.train, &mut self.val, &mut self.test].into_iter().zip([other.train, other.val, other.test])
+        {
+            let mut samples = std::mem::take(into).into_samples();
+            samples.extend(from.into_samples());
+            *into = MultimodalDataset::new(samples);
+        }
+        for (into, from) in self.raw.iter_mut().zip(other.raw) {
+            into.extend(from);
+        }
+        for (into, from) in self.os.iter_mut().zip(other.os) {
+            into.extend(from);
+        }
+    }
+
+    fn num_samples(&self) -> u64 {
+        self.train.len() as u64
+    }
+
+    fn test_ids(&self) -> Vec<String> {
+        self.test.samples().iter().map(|s| s.id.clone()).collect()
+    }
+
+    fn train(&self, model: &ParameterSet, spec: &TrainSpec, ctl: &TaskControl) -> Result<TrainResult, ExecutorError> {
+        let (out, metrics) =
+            self.train_from(model, &train_params(spec), spec.round, ctl).map_err(|e| ExecutorError(e.to_string()))?;
+        Ok(TrainResult { params: out.params, num_samples: out.samples as u64, metrics })
+    }
+
+    /// `auc`, `c_index`, `loss` (the training objective without regularisation), `bce`, `cox_nll`,
+    /// `n_positive`.
+    fn evaluate(&self, model: &ParameterSet, k: usize) -> Result<SplitEvaluation, ExecutorError> {
         let data = self.dataset(k);
         if data.is_empty() {
+            let split = crate::site_evaluation::SPLITS[k];
             return Err(ExecutorError(format!("the '{split}' split has no patient with a prepared MRI")));
         }
-        let ev = fedhcc_model::evaluate_multimodal(&self.cfg, params, data, self.backend)
+        let ev = fedhcc_model::evaluate_multimodal(&self.cfg, model, data, self.backend)
             .map_err(|e| ExecutorError(e.to_string()))?;
         let (_, positives, _) = data.counts();
         let mut metrics = vec![("n_positive".to_string(), positives as f64)];
@@ -435,55 +366,16 @@ impl MultimodalExecutor {
             ("c_index", ev.c_index),
         ];
         metrics.extend(named.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))));
-        // The summary: the split's scores, the cut-off from the training split.
-        let test = self.scored(k, &ev.probabilities);
-        let train = if self.evaluation.cutoff.is_none() { Some(self.score(params, 0)?) } else { None };
-        let summary = crate::site_evaluation::summarise(&test, train.as_ref(), &self.evaluation);
-        Ok(EvalResult { num_samples: ev.n as u64, metrics, summary })
-    }
-}
-
-/// `bce_weight · BCE + cox_weight · Cox` over the parts that exist; `None` when neither does.
-fn objective(cfg: &MultimodalConfig, ev: &MultimodalEvalOutcome) -> Option<f64> {
-    if ev.bce.is_none() && ev.cox.is_none() {
-        return None;
-    }
-    Some(cfg.loss.bce_weight * ev.bce.unwrap_or(0.0) + cfg.loss.cox_weight * ev.cox.unwrap_or(0.0))
-}
-
-impl Executor for MultimodalExecutor {
-    fn fingerprint(&self) -> Option<Fingerprint> {
-        Some(self.fingerprint)
+        Ok(SplitEvaluation { num_samples: ev.n as u64, metrics, predictions: self.scored(k, &ev.probabilities) })
     }
 
-    fn num_samples(&self) -> u64 {
-        self.train.len() as u64
-    }
-
-    fn train(
-        &mut self,
-        global: &ParameterSet,
-        spec: &TrainSpec,
-        ctl: &TaskControl,
-    ) -> Result<TrainResult, ExecutorError> {
-        let model = self.prepare(global)?;
-        let (out, metrics) =
-            self.train_from(&model, &train_params(spec), spec.round, ctl).map_err(|e| ExecutorError(e.to_string()))?;
-        let params = crate::standardise::with_frozen(out.params, global)?;
-        Ok(TrainResult { params, num_samples: out.samples as u64, metrics })
-    }
-
-    fn statistics(&mut self) -> Result<Vec<GroupSums>, ExecutorError> {
-        Ok(self.local.clone())
-    }
-
-    fn evaluate(
-        &mut self,
-        global: &ParameterSet,
-        split: &str,
-        _ctl: &TaskControl,
-    ) -> Result<EvalResult, ExecutorError> {
-        let model = self.prepare(global)?;
-        self.evaluate_split(&model, split)
+    fn score(&self, model: &ParameterSet, k: usize) -> Result<SitePredictions, ExecutorError> {
+        let data = self.dataset(k);
+        if data.is_empty() {
+            return Ok(SitePredictions::default());
+        }
+        let ev = fedhcc_model::evaluate_multimodal(&self.cfg, model, data, self.backend)
+            .map_err(|e| ExecutorError(e.to_string()))?;
+        Ok(self.scored(k, &ev.probabilities))
     }
 }

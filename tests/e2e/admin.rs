@@ -44,7 +44,7 @@ async fn admin_ok(cfg: &str, args: &[&str]) -> String {
 fn client(server: &TestServer, site: &str, pause_ms: u64, token: &CancellationToken) -> ClientTask {
     tokio::spawn(fedhcc_client::run(
         client_options(server, site),
-        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::from_millis(pause_ms) },
+        shifting(1.0, 10, Duration::from_millis(pause_ms)),
         token.clone(),
     ))
 }

@@ -99,7 +99,7 @@ async fn a_federated_run_leaves_verifiable_audit_logs_whose_transfers_agree_on_b
     let mut clients = Vec::new();
     for (s, delta) in [("a", 1.0), ("b", -1.0)] {
         let opts = fedhcc_client::ClientOptions { state_dir: Some(site_state(s)), ..client_options(&server, s) };
-        let exec = ConstExecutor { delta, samples: 20, pause: Duration::ZERO };
+        let exec = shifting(delta, 20, Duration::ZERO);
         clients.push(tokio::spawn(fedhcc_client::run(opts, exec, token.clone())));
     }
     let out = server.join().await;

@@ -1,11 +1,11 @@
 //! Test helpers: a fresh study CA per test, a server `run(...)` future on 127.0.0.1:0 with real
 //! mutual TLS, raw protocol clients for each identity, and deterministic executors.
 
-use fedhcc_client::{EvalResult, Executor, ExecutorError, TaskControl, TrainResult, TrainSpec};
 use fedhcc_core::config::{FederationConfig, ServerConfig, StudyConfig, TrainingConfig};
-use fedhcc_core::params::{Fingerprint, ParameterSet};
+use fedhcc_core::params::ParameterSet;
 use fedhcc_core::pki::{self, CertDir, ClientTlsFiles, ServerTlsFiles};
 use fedhcc_proto as pb;
+pub use fedhcc_site::executor::NoiseExecutor;
 use pb::federation_client::FederationClient;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -158,44 +158,11 @@ pub fn client_options(server: &TestServer, site: &str) -> fedhcc_client::ClientO
     }
 }
 
-/// Adds a fixed delta to every value; `pause` simulates training time.
-pub struct ConstExecutor {
-    pub delta: f32,
-    pub samples: u64,
-    pub pause: Duration,
-}
-
-impl Executor for ConstExecutor {
-    fn fingerprint(&self) -> Option<Fingerprint> {
-        None
-    }
-    fn num_samples(&self) -> u64 {
-        self.samples
-    }
-    fn train(
-        &mut self,
-        global: &ParameterSet,
-        _s: &TrainSpec,
-        ctl: &TaskControl,
-    ) -> Result<TrainResult, ExecutorError> {
-        let until = Instant::now() + self.pause;
-        while Instant::now() < until {
-            if ctl.is_cancelled() {
-                return Err(ExecutorError("cancelled".into()));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let mut p = global.clone();
-        p.values_mut().iter_mut().for_each(|v| *v += self.delta);
-        Ok(TrainResult {
-            params: p,
-            num_samples: self.samples,
-            metrics: vec![("train_loss".into(), f64::from(self.delta))],
-        })
-    }
-    fn evaluate(&mut self, _g: &ParameterSet, _split: &str, _c: &TaskControl) -> Result<EvalResult, ExecutorError> {
-        Ok(EvalResult { num_samples: self.samples, metrics: vec![("auc".into(), 0.5)], summary: None })
-    }
+/// The site's executor of the federation tests (`fedhcc-site`'s, as `bench rounds` runs it): every
+/// value moved by exactly `delta`, so the expected FedAvg is known to the last bit; `pause`
+/// simulates training time.
+pub fn shifting(delta: f32, samples: u64, pause: Duration) -> NoiseExecutor {
+    NoiseExecutor::shift(delta, samples).with_pause(pause)
 }
 
 /// Opens a site's WaitTask stream (the site counts as connected from here on).

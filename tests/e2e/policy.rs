@@ -23,7 +23,7 @@ async fn a_site_declines_what_its_policy_forbids_and_the_run_goes_on_without_it(
     let token = CancellationToken::new();
     let a = tokio::spawn(fedhcc_client::run(
         client_options(&server, "a"),
-        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::from_millis(800) },
+        shifting(1.0, 10, Duration::from_millis(800)),
         token.clone(),
     ));
     let b_state = tmp.path().join("site-b");
@@ -32,11 +32,7 @@ async fn a_site_declines_what_its_policy_forbids_and_the_run_goes_on_without_it(
         policy: SitePolicy { max_rounds: Some(1), ..SitePolicy::default() },
         ..client_options(&server, "b")
     };
-    let b = tokio::spawn(fedhcc_client::run(
-        b_opts,
-        ConstExecutor { delta: 5.0, samples: 10, pause: Duration::ZERO },
-        token.clone(),
-    ));
+    let b = tokio::spawn(fedhcc_client::run(b_opts, shifting(5.0, 10, Duration::ZERO), token.clone()));
     server.wait_status("both sites connected", |s| s.sites.iter().all(|x| x.connected)).await;
     let c = server.certs();
     let admin_tls = fedhcc_core::pki::ClientTlsFiles { ca: c.ca(), cert: c.admin("lead"), key: c.admin_key("lead") };

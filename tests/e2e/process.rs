@@ -107,7 +107,7 @@ async fn server_killed_mid_round_resumes_with_every_round_intact() {
     let token = CancellationToken::new();
     let client = tokio::spawn(fedhcc_client::run(
         client_options(&ts, "a"),
-        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::from_millis(300) },
+        shifting(1.0, 10, Duration::from_millis(300)),
         token.clone(),
     ));
     // Kill the server while round 3 is being trained (two rounds committed).

@@ -11,12 +11,12 @@ async fn run_study(dir: &std::path::Path, rounds: u32) -> (fedhcc_server::RunOut
     let token = CancellationToken::new();
     let ca = tokio::spawn(fedhcc_client::run(
         client_options(&server, "a"),
-        ConstExecutor { delta: 1.0, samples: 30, pause: Duration::ZERO },
+        shifting(1.0, 30, Duration::ZERO),
         token.clone(),
     ));
     let cb = tokio::spawn(fedhcc_client::run(
         client_options(&server, "b"),
-        ConstExecutor { delta: -0.25, samples: 90, pause: Duration::from_millis(20) },
+        shifting(-0.25, 90, Duration::from_millis(20)),
         token.clone(),
     ));
     let mut server = server;
@@ -62,14 +62,14 @@ async fn a_site_lost_mid_round_is_left_out_when_quorum_allows() {
     let token = CancellationToken::new();
     let ca = tokio::spawn(fedhcc_client::run(
         client_options(&server, "a"),
-        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::from_millis(300) },
+        shifting(1.0, 10, Duration::from_millis(300)),
         token.clone(),
     ));
     // b never finishes training; it is stopped while it trains in a round it was selected for.
     let b_token = CancellationToken::new();
     let cb = tokio::spawn(fedhcc_client::run(
         client_options(&server, "b"),
-        ConstExecutor { delta: 9.0, samples: 10, pause: Duration::from_secs(3600) },
+        shifting(9.0, 10, Duration::from_secs(3600)),
         b_token.clone(),
     ));
     server
@@ -102,13 +102,13 @@ async fn below_quorum_the_round_is_retried_and_then_completes() {
     let token = CancellationToken::new();
     let ca = tokio::spawn(fedhcc_client::run(
         client_options(&server, "a"),
-        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::ZERO },
+        shifting(1.0, 10, Duration::ZERO),
         token.clone(),
     ));
     let b_token = CancellationToken::new();
     let cb = tokio::spawn(fedhcc_client::run(
         client_options(&server, "b"),
-        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::from_secs(3600) },
+        shifting(1.0, 10, Duration::from_secs(3600)),
         b_token.clone(),
     ));
     server.wait_status("round 1 under way", |s| s.phase == "training" && s.sites.iter().all(|x| x.connected)).await;
@@ -119,7 +119,7 @@ async fn below_quorum_the_round_is_retried_and_then_completes() {
     server.wait_status("retry waits for sites", |s| s.phase == "waiting_for_sites" && s.rounds.is_empty()).await;
     let cb2 = tokio::spawn(fedhcc_client::run(
         client_options(&server, "b"),
-        ConstExecutor { delta: 3.0, samples: 10, pause: Duration::ZERO },
+        shifting(3.0, 10, Duration::ZERO),
         token.clone(),
     ));
     let out = server.join().await;
@@ -141,7 +141,7 @@ async fn restart_resumes_after_the_last_committed_round() {
     let token = CancellationToken::new();
     let ca = tokio::spawn(fedhcc_client::run(
         client_options(&server, "a"),
-        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::from_millis(200) },
+        shifting(1.0, 10, Duration::from_millis(200)),
         token.clone(),
     ));
     server.wait_status("two rounds committed", |s| s.rounds.len() >= 2).await;
@@ -185,7 +185,7 @@ async fn after_a_restart_task_ids_are_new_so_old_answers_are_refused_and_every_s
     let token = CancellationToken::new();
     let ca = tokio::spawn(fedhcc_client::run(
         client_options(&server, "a"),
-        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::ZERO },
+        shifting(1.0, 10, Duration::ZERO),
         token.clone(),
     ));
     // Before the restart: a's update for round 1 is in, b (by hand) has not answered.
@@ -296,7 +296,7 @@ async fn a_server_stopped_before_the_final_evaluation_closed_evaluates_after_the
     let mut server = restart().await;
     let ca = tokio::spawn(fedhcc_client::run(
         client_options(&server, "a"),
-        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::ZERO },
+        shifting(1.0, 10, Duration::ZERO),
         CancellationToken::new(),
     ));
     let out = server.join().await;

@@ -54,13 +54,8 @@ async fn fedbn_uploads_carry_only_shared_parameters_and_local_layers_stay_at_the
     let mut b = server.client_as("b").await;
     let mut sb = open_tasks(&mut b).await;
     let local_file = tmp.path().join("site-a/fedbn-local.fhcp");
-    let executor = LocalLayers::new(
-        ConstExecutor { delta: 1.0, samples: 30, pause: Duration::ZERO },
-        rule.clone(),
-        &full,
-        Some(local_file.clone()),
-    )
-    .unwrap();
+    let executor =
+        LocalLayers::new(shifting(1.0, 30, Duration::ZERO), rule.clone(), &full, Some(local_file.clone())).unwrap();
     let ca = tokio::spawn(fedhcc_client::run(client_options(&server, "a"), executor, CancellationToken::new()));
     let pb::task_event::Event::Train(task) = next_event(&mut sb, "train task").await else {
         panic!("expected a train task")
@@ -139,7 +134,7 @@ async fn fedadam_run(dir: &std::path::Path, restart: bool) -> String {
     let server = start_server(dir, &["a"], fedadam_study(4), model(100)).await;
     let ca = tokio::spawn(fedhcc_client::run(
         client_options(&server, "a"),
-        ConstExecutor { delta: 1.0, samples: 10, pause: Duration::from_millis(if restart { 200 } else { 0 }) },
+        shifting(1.0, 10, Duration::from_millis(if restart { 200 } else { 0 })),
         CancellationToken::new(),
     ));
     let out = if restart {
@@ -208,7 +203,7 @@ async fn median_over_real_spooled_updates_ignores_the_outlier_site() {
         .map(|(s, delta, samples)| {
             tokio::spawn(fedhcc_client::run(
                 client_options(&server, s),
-                ConstExecutor { delta, samples, pause: Duration::ZERO },
+                shifting(delta, samples, Duration::ZERO),
                 token.clone(),
             ))
         })
