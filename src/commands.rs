@@ -1,12 +1,12 @@
-//! The subcommands that wrap one library call each: certificates, server, client, status,
-//! synthetic cohort, data check.
+//! The subcommands that wrap one library call each: certificates, server, client, synthetic
+//! cohort, data check.
 
 use crate::executor::ClinicalExecutor;
 use crate::study::StudyModel;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use fedhcc_cohort::{CohortError, Finding, Severity};
-use fedhcc_core::config::{load_admin, load_server, load_site};
+use fedhcc_core::config::{load_server, load_site};
 use fedhcc_core::pki::{self, Role, Validity};
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
@@ -189,88 +189,6 @@ pub fn client(config: &Path) -> Result<()> {
         );
         Ok(())
     })
-}
-
-pub fn status(config: &Path, json: bool) -> Result<()> {
-    let admin = load_admin(config)?;
-    let rt = runtime()?;
-    let reply = rt.block_on(async {
-        let target = fedhcc_client::ServerTarget {
-            url: admin.server.clone(),
-            server_name: admin.server_name.clone(),
-            tls: admin.tls.clone(),
-        };
-        let mut c = fedhcc_client::transport::connect(&target).await?;
-        let r = c.status(fedhcc_proto::StatusRequest {}).await.map_err(fedhcc_client::TransportError::from)?;
-        Ok::<_, anyhow::Error>(r.into_inner())
-    })?;
-    if json {
-        // The same JSON as the dashboard's /api/status.
-        println!("{}", serde_json::to_string_pretty(&fedhcc_server::status_json(&reply))?);
-        return Ok(());
-    }
-    println!(
-        "Study {}  run {}  phase {}  round {}/{}",
-        reply.study_id, reply.run_id, reply.phase, reply.current_round, reply.total_rounds
-    );
-    println!("\n{:<20} {:<10} {:>8}  last refusal", "site", "connected", "rounds");
-    for s in &reply.sites {
-        println!(
-            "{:<20} {:<10} {:>8}  {}",
-            s.site_id,
-            if s.connected { "yes" } else { "no" },
-            s.rounds_contributed,
-            s.last_refusal
-        );
-    }
-    let declined: Vec<_> = reply.sites.iter().filter(|s| !s.policy_refusal.is_empty()).collect();
-    if !declined.is_empty() {
-        println!("\nTasks declined by a site's own policy (last per site):");
-        for s in declined {
-            println!("  {:<20} {}", s.site_id, s.policy_refusal);
-        }
-    }
-    crate::lead::admin_cmd::print_admin_view(reply.admin.as_ref());
-    print_privacy(reply.privacy.as_ref());
-    println!("\n{:>5}  {:<28} {:>8} {:>10} {:>8}", "round", "participants", "samples", "mean loss", "seconds");
-    for r in &reply.rounds {
-        println!(
-            "{:>5}  {:<28} {:>8} {:>10.4} {:>8.2}",
-            r.round,
-            r.participants.join(","),
-            r.total_samples,
-            r.mean_train_loss,
-            r.duration_s
-        );
-    }
-    Ok(())
-}
-
-/// The status's secure aggregation and DP lines (nothing when the server sent none).
-fn print_privacy(p: Option<&fedhcc_proto::PrivacyStatus>) {
-    let Some(p) = p else { return };
-    if p.secure_aggregation {
-        println!("\nSecure aggregation: on (the server sees only the sum of the sites' masked updates)");
-        if !p.roster.is_empty() {
-            println!("  roster of the task now running: {}", p.roster.join(", "));
-        }
-        if p.aborted_attempts > 0 {
-            println!("  attempts aborted and restarted: {}; last: {}", p.aborted_attempts, p.last_abort);
-        }
-    } else {
-        println!("\nSecure aggregation: off (updates travel in the clear over mutual TLS)");
-    }
-    if p.dp {
-        let budget = if p.epsilon_budget > 0.0 {
-            format!(" of a budget of {} (training stops after round {})", p.epsilon_budget, p.rounds_allowed)
-        } else {
-            String::new()
-        };
-        println!(
-            "Differential privacy: ε = {:.3} (δ = {}){budget}; noise multiplier {}, L2 clip {}",
-            p.epsilon, p.delta, p.noise_multiplier, p.l2_clip
-        );
-    }
 }
 
 /// `fedhcc client status`: what the site's client is doing, from its `status.json`.

@@ -371,7 +371,7 @@ fn main() -> ExitCode {
         }
         Command::Client { config: Some(config), command: None } => commands::client(&config),
         Command::Client { config: None, command: None } => Err(anyhow::anyhow!("fedhcc client needs --config")),
-        Command::Status { config, json } => commands::status(&config, json),
+        Command::Status { config, json } => lead::status::status(&config, json),
         Command::Admin(args) => admin_cmd::run(&args),
         Command::Demo { out, rounds, patients, seed, strategy, model, scale, no_secagg, dp, no_cross_center } => {
             let privacy = demo::DemoPrivacy { secure_aggregation: !no_secagg, dp };

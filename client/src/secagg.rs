@@ -15,11 +15,13 @@
 //! until the next task, so an upload cut by a reconnect is sent again byte for byte (masking a
 //! second update with the same masks would let the server subtract the two).
 
-use crate::{ClientError, Executor, ExecutorError, Runner, TransportError, transport};
+use crate::runner::Runner;
+use crate::task::{MaskedHeader, RosterReply, TaskRef, TrainTask};
+use crate::transport::{Connection, Refused};
+use crate::{ClientError, Executor, ExecutorError, TransportError};
 use fedhcc_core::params::ParameterSet;
 use fedhcc_core::privacy::encoding_weight;
 use fedhcc_core::standardisation;
-use fedhcc_proto as pb;
 use fedhcc_secure::audit::Direction;
 use fedhcc_secure::dp::{GaussianNoise, clip_factor};
 use fedhcc_secure::secagg::{EncodeStats, FixedPoint, Masker, Roster, RoundKeys, SecAggContext, words_to_le_bytes};
@@ -43,7 +45,7 @@ impl MaskingSpec {
     /// # Errors
     /// A message naming the setting when the task's fixed point or DP settings are missing or out
     /// of range.
-    pub fn from_task(t: &pb::TrainTask) -> Result<Self, String> {
+    pub fn from_task(t: &TrainTask) -> Result<Self, String> {
         let p =
             t.fixed_point.as_ref().ok_or("the task asks for secure aggregation but carries no fixed-point settings")?;
         let fixed = FixedPoint::new(p.scale, p.clip, p.max_weight, p.max_sites)
@@ -166,11 +168,11 @@ pub fn mask_payload(
 /// # Errors
 /// A roster for another task, a member with a key that is not 32 bytes, a roster the library
 /// refuses, more sites than the fixed point holds, or a digest that differs.
-pub fn roster_from_reply(tref: &pb::TaskRef, reply: &pb::KeyRoster, fixed: &FixedPoint) -> Result<Roster, String> {
-    if reply.task.as_ref().map(|t| t.task_id.as_str()) != Some(tref.task_id.as_str()) {
+pub fn roster_from_reply(tref: &TaskRef, reply: &RosterReply, fixed: &FixedPoint) -> Result<Roster, String> {
+    if reply.task_id.as_deref() != Some(tref.task_id.as_str()) {
         return Err("the server sent the roster of another task".into());
     }
-    if reply.members.len() > fedhcc_proto::MAX_ROSTER_SITES || reply.members.len() > fixed.max_sites() as usize {
+    if reply.members.len() > fixed.max_sites() as usize {
         return Err(format!(
             "the roster has {} sites; the study's fixed point holds at most {}",
             reply.members.len(),
@@ -178,10 +180,10 @@ pub fn roster_from_reply(tref: &pb::TaskRef, reply: &pb::KeyRoster, fixed: &Fixe
         ));
     }
     let mut members = Vec::with_capacity(reply.members.len());
-    for m in &reply.members {
-        let key = <[u8; 32]>::try_from(m.public_key.as_ref())
-            .map_err(|_| format!("site {}'s public key is {} bytes, not 32", m.site_id, m.public_key.len()))?;
-        members.push((m.site_id.clone(), key));
+    for (site, public_key) in &reply.members {
+        let key = <[u8; 32]>::try_from(public_key.as_slice())
+            .map_err(|_| format!("site {site}'s public key is {} bytes, not 32", public_key.len()))?;
+        members.push((site.clone(), key));
     }
     let ctx = SecAggContext {
         study_id: tref.study_id.clone(),
@@ -190,7 +192,7 @@ pub fn roster_from_reply(tref: &pb::TaskRef, reply: &pb::KeyRoster, fixed: &Fixe
         task_id: tref.task_id.clone(),
     };
     let roster = Roster::new(ctx, members).map_err(|e| e.to_string())?;
-    if roster.digest().as_slice() != reply.digest.as_ref() {
+    if roster.digest().as_slice() != reply.digest.as_slice() {
         return Err("the roster's digest differs from the server's (another study, run, round or key set)".into());
     }
     Ok(roster)
@@ -201,7 +203,7 @@ pub fn roster_from_reply(tref: &pb::TaskRef, reply: &pb::KeyRoster, fixed: &Fixe
 pub(crate) struct MaskedUpload {
     pub task_id: String,
     pub payload: bytes::Bytes,
-    pub header: pb::UpdateHeader,
+    pub header: MaskedHeader,
 }
 
 /// What the client keeps between the calls of one secure-aggregation task.
@@ -225,9 +227,9 @@ impl<E: Executor> Runner<E> {
     /// site (resent, settings unusable, or the key exchange closed without it).
     pub(crate) async fn secagg_prepare(
         &mut self,
-        client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
-        tref: &pb::TaskRef,
-        t: &pb::TrainTask,
+        conn: &mut Connection,
+        tref: &TaskRef,
+        t: &TrainTask,
     ) -> Result<Prepared, ClientError> {
         let round = tref.round;
         if self.secagg.masked.as_ref().is_some_and(|m| m.task_id != tref.task_id) {
@@ -235,7 +237,7 @@ impl<E: Executor> Runner<E> {
         }
         if let Some(m) = self.secagg.masked.clone() {
             tracing::info!(task = %tref.task_id, "sending the update masked for this task again");
-            let sent = transport::upload_masked(client, m.header, m.payload).await;
+            let sent = conn.upload_masked(&m.header, m.payload).await;
             self.upload_outcome(round, sent)?;
             self.finish_task(tref, &format!("round {round} done; waiting for the next task"));
             return Ok(Prepared::Done);
@@ -259,38 +261,34 @@ impl<E: Executor> Runner<E> {
             self.secagg.keys = Some((tref.task_id.clone(), RoundKeys::generate(&mut rand::rng())));
         }
         let public = self.secagg.keys.as_ref().map(|(_, k)| k.public_bytes()).unwrap_or_default();
-        let ad = pb::KeyAdvertisement { task: Some(tref.clone()), public_key: public.to_vec().into() };
-        self.audit.record(Direction::Sent, &tref.task_id, round, "key", &prost::Message::encode_to_vec(&ad))?;
-        match client.advertise_key(ad).await {
-            Ok(_) => Ok(Prepared::Proceed(spec)),
-            Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists) => {
-                Ok(self.skip_task(tref, &format!("the server did not take this site's key: {}", s.message())))
-            }
-            Err(s) => Err(TransportError::from(s).into()),
+        let ad = crate::transport::key_advertisement(tref, public);
+        self.audit.record(Direction::Sent, &tref.task_id, round, "key", &ad.bytes())?;
+        match conn.advertise_key(ad).await {
+            Ok(()) => Ok(Prepared::Proceed(spec)),
+            Err(e) => match e.refused() {
+                Some((Refused::TaskClosed | Refused::AlreadyCounted, reason)) => {
+                    Ok(self.skip_task(tref, &format!("the server did not take this site's key: {reason}")))
+                }
+                _ => Err(e.into()),
+            },
         }
     }
 
     /// After local training: fetches the roster, applies DP, masks and uploads `delta`.
     pub(crate) async fn upload_masked(
         &mut self,
-        client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
-        tref: &pb::TaskRef,
+        conn: &mut Connection,
+        tref: &TaskRef,
         spec: MaskingSpec,
         delta: ParameterSet,
         num_samples: u64,
         metrics: Vec<(String, f64)>,
     ) -> Result<Result<u64, TransportError>, ClientError> {
-        let reply = match transport::await_roster(client, tref.clone()).await {
+        let (reply, bytes) = match conn.await_roster(tref).await {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        self.audit.record(
-            Direction::Received,
-            &tref.task_id,
-            tref.round,
-            "roster",
-            &prost::Message::encode_to_vec(&reply),
-        )?;
+        self.audit.record(Direction::Received, &tref.task_id, tref.round, "roster", &bytes)?;
         let roster = roster_from_reply(tref, &reply, &spec.fixed).map_err(TransportError::Damaged)?;
         let Some((_, keys)) = self.secagg.keys.take().filter(|(id, _)| *id == tref.task_id) else {
             return Err(ExecutorError(format!("{}: this site's key pair for the task is gone", tref.describe())).into());
@@ -328,34 +326,31 @@ impl<E: Executor> Runner<E> {
         let mut metrics = metrics;
         metrics.push(("secagg_clamped_values".into(), stats.clipped as f64));
         self.audit.record_digest(Direction::Sent, &tref.task_id, tref.round, "update", payload.len() as u64, sha)?;
-        let header = pb::UpdateHeader {
-            task: Some(tref.clone()),
+        let header = MaskedHeader {
+            task: tref.clone(),
             model_fingerprint: fingerprint,
             num_samples,
-            total_bytes: payload.len() as u64,
             sha256: hex::encode(sha),
-            chunks: payload.len().div_ceil(fedhcc_proto::MAX_CHUNK_BYTES) as u32,
-            metrics: metrics.into_iter().map(|(name, value)| pb::Metric { name, value }).collect(),
-            encoding: fedhcc_proto::ENCODING_SECAGG_U64.into(),
-            roster_digest: digest.to_vec().into(),
+            metrics,
+            roster_digest: digest.to_vec(),
             encoded_weight: weight,
         };
         let payload = bytes::Bytes::from(payload);
         self.secagg.masked =
             Some(MaskedUpload { task_id: tref.task_id.clone(), payload: payload.clone(), header: header.clone() });
-        Ok(transport::upload_masked(client, header, payload).await)
+        Ok(conn.upload_masked(&header, payload).await)
     }
 
     /// A task this site cannot take part in: logged, noted for `status.json`, and done with.
-    fn skip_task(&mut self, tref: &pb::TaskRef, why: &str) -> Prepared {
+    fn skip_task(&mut self, tref: &TaskRef, why: &str) -> Prepared {
         tracing::warn!(site = %self.opts.site_id, task = %tref.task_id, "{why}");
         self.note_error(format!("{}: {why}", tref.describe()));
         self.finish_task(tref, &format!("{} skipped; waiting for the next task", tref.describe()));
         Prepared::Done
     }
 
-    fn finish_task(&mut self, tref: &pb::TaskRef, detail: &str) {
-        self.trained_tasks.insert(tref.task_id.clone());
+    fn finish_task(&mut self, tref: &TaskRef, detail: &str) {
+        self.task_done(tref);
         self.status("waiting", detail.to_string(), tref.round);
     }
 }
@@ -406,15 +401,12 @@ mod tests {
     fn masked_payloads_of_two_sites_sum_to_the_weighted_update_and_each_alone_looks_uniform() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
         let fixed = FixedPoint::new(2f64.powi(30), 1.0, 1000, 4).unwrap();
-        let tref = pb::TaskRef { study_id: "s".into(), run_id: "r".into(), round: 1, task_id: "r1a1".into() };
+        let tref = TaskRef { study_id: "s".into(), run_id: "r".into(), round: 1, task_id: "r1a1".into() };
         let (ka, kb) = (RoundKeys::generate(&mut rng), RoundKeys::generate(&mut rng));
-        let reply = |digest: Vec<u8>| pb::KeyRoster {
-            task: Some(tref.clone()),
-            members: vec![
-                pb::RosterMember { site_id: "a".into(), public_key: ka.public_bytes().to_vec().into() },
-                pb::RosterMember { site_id: "b".into(), public_key: kb.public_bytes().to_vec().into() },
-            ],
-            digest: digest.into(),
+        let reply = |digest: Vec<u8>| RosterReply {
+            task_id: Some(tref.task_id.clone()),
+            members: vec![("a".into(), ka.public_bytes().to_vec()), ("b".into(), kb.public_bytes().to_vec())],
+            digest,
         };
         assert!(roster_from_reply(&tref, &reply(vec![0; 32]), &fixed).unwrap_err().contains("digest differs"));
         let ctx = SecAggContext { study_id: "s".into(), run_id: "r".into(), round: 1, task_id: "r1a1".into() };
@@ -448,11 +440,12 @@ mod tests {
 
     #[test]
     fn task_settings_from_the_network_are_checked() {
-        let mut t = pb::TrainTask { secure_aggregation: true, ..Default::default() };
+        let mut t = TrainTask { secure_aggregation: true, ..Default::default() };
         assert!(MaskingSpec::from_task(&t).unwrap_err().contains("no fixed-point settings"));
-        t.fixed_point = Some(pb::FixedPointParams { clip: 1.0, scale: 1e30, max_weight: 10, max_sites: 2 });
+        t.fixed_point = Some(crate::task::FixedPointSettings { clip: 1.0, scale: 1e30, max_weight: 10, max_sites: 2 });
         assert!(MaskingSpec::from_task(&t).unwrap_err().contains("overflow"));
-        t.fixed_point = Some(pb::FixedPointParams { clip: 1.0, scale: 1024.0, max_weight: 10, max_sites: 2 });
+        t.fixed_point =
+            Some(crate::task::FixedPointSettings { clip: 1.0, scale: 1024.0, max_weight: 10, max_sites: 2 });
         assert_eq!(MaskingSpec::from_task(&t).unwrap().weight(7), 7);
         t.dp_noise_multiplier = 1.0;
         assert!(MaskingSpec::from_task(&t).unwrap_err().contains("l2_clip"));

@@ -7,8 +7,6 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use fedhcc_core::config::load_admin;
 use fedhcc_core::params::ParameterSet;
-use fedhcc_proto as pb;
-use fedhcc_proto::chunks::ChunkReceiver;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -63,6 +61,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn run(args: &AdminArgs) -> Result<()> {
+    use fedhcc_client::transport::RunControl;
     let admin = load_admin(&args.config)?;
     let target = fedhcc_client::ServerTarget {
         url: admin.server.clone(),
@@ -71,27 +70,29 @@ pub fn run(args: &AdminArgs) -> Result<()> {
     };
     let rt = runtime()?;
     rt.block_on(async {
-        let mut c = fedhcc_client::transport::connect_admin(&target)
+        let mut c = fedhcc_client::transport::Admin::open(&target)
             .await
             .with_context(|| format!("reaching the server at {}", admin.server))?;
-        let refused = |s: tonic::Status| anyhow::anyhow!("the server refused: {}", s.message());
+        let refused = |e: fedhcc_client::TransportError| match e.refused() {
+            Some((_, reason)) => anyhow::anyhow!("the server refused: {reason}"),
+            None => anyhow::Error::from(e),
+        };
         let reply = match &args.command {
             AdminCommand::Export { out, layout } => return export(&mut c, out, *layout).await,
             AdminCommand::Allow { site } | AdminCommand::Disallow { site } => {
                 let allowed = matches!(args.command, AdminCommand::Allow { .. });
-                c.set_site_access(pb::SiteAccessRequest { site_id: site.clone(), allowed }).await.map_err(refused)?
+                c.set_site_access(site, allowed).await.map_err(refused)?
             }
             AdminCommand::Start | AdminCommand::Pause | AdminCommand::Resume | AdminCommand::Abort => {
                 let command = match args.command {
-                    AdminCommand::Start => pb::ControlCommand::Start,
-                    AdminCommand::Pause => pb::ControlCommand::Pause,
-                    AdminCommand::Resume => pb::ControlCommand::Resume,
-                    _ => pb::ControlCommand::Abort,
+                    AdminCommand::Start => RunControl::Start,
+                    AdminCommand::Pause => RunControl::Pause,
+                    AdminCommand::Resume => RunControl::Resume,
+                    _ => RunControl::Abort,
                 };
-                c.control(pb::ControlRequest { command: command.into() }).await.map_err(refused)?
+                c.control(command).await.map_err(refused)?
             }
-        }
-        .into_inner();
+        };
         println!("{}", reply.message);
         println!("run: {}, phase: {}", reply.run_control, reply.phase.replace('_', " "));
         Ok(())
@@ -100,24 +101,7 @@ pub fn run(args: &AdminArgs) -> Result<()> {
 
 /// Receives the model into a temporary file beside `out` while hashing it, checks its length,
 /// SHA-256 and layout against the header, then renames it into place (or converts it).
-async fn export(
-    c: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
-    out: &Path,
-    layout: FileLayout,
-) -> Result<()> {
-    let mut stream = c
-        .export_model(pb::ExportRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("the server refused: {}", s.message()))?
-        .into_inner();
-    let header = match stream.message().await.context("receiving the model")? {
-        Some(pb::ExportPart { part: Some(pb::export_part::Part::Header(h)) }) => h,
-        _ => bail!("the server's answer did not start with the model's header"),
-    };
-    let limit = (fedhcc_core::params::MAX_PARAMS * 4 + fedhcc_core::params::MAX_HEADER_LEN) as u64;
-    if header.total_bytes > limit {
-        bail!("the server announces a model of {} bytes, more than fedhcc accepts ({limit})", header.total_bytes);
-    }
+async fn export(c: &mut fedhcc_client::transport::Admin, out: &Path, layout: FileLayout) -> Result<()> {
     let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
@@ -125,18 +109,19 @@ async fn export(
     let mut file = std::io::BufWriter::new(
         std::fs::File::create(&tmp.0).with_context(|| format!("creating {}", tmp.0.display()))?,
     );
-    let mut receiver = ChunkReceiver::new(header.total_bytes, None);
-    while let Some(part) = stream.message().await.context("receiving the model")? {
-        let Some(pb::export_part::Part::Chunk(chunk)) = part.part else {
-            bail!("a second header arrived inside the model");
-        };
-        receiver.accept(&chunk).map_err(|e| anyhow::anyhow!("the model transfer was refused: {e}"))?;
-        file.write_all(&chunk).with_context(|| format!("writing into {}", dir.display()))?;
-    }
+    let header = match c.export(|chunk| file.write_all(chunk)).await {
+        Ok(h) => h,
+        Err(fedhcc_client::TransportError::Sink(e)) => {
+            return Err(anyhow::Error::from(e).context(format!("writing into {}", dir.display())));
+        }
+        Err(e) => match e.refused() {
+            Some((_, reason)) => bail!("the server refused: {reason}"),
+            None => return Err(anyhow::Error::from(e).context("receiving the model; try again")),
+        },
+    };
     let file = file.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.0.display()))?;
     file.sync_all().with_context(|| format!("writing {}", tmp.0.display()))?;
     drop(file);
-    receiver.finish(&header.sha256).map_err(|e| anyhow::anyhow!("the model transfer was refused: {e}; try again"))?;
     let params = crate::lead::export::read_checkpoint(&tmp.0)?;
     if params.fingerprint().to_hex() != header.model_fingerprint {
         bail!("the model's layout differs from the one the server announced");
@@ -172,7 +157,12 @@ impl Drop for PartFile {
 
 /// The same file as `fedhcc export` writes ([`crate::lead::model_file`]), with what the server's header
 /// says of the model (its fingerprint was checked against the tensors above).
-fn write_safetensors(params: &ParameterSet, header: &pb::ExportHeader, layout: FileLayout, out: &Path) -> Result<()> {
+fn write_safetensors(
+    params: &ParameterSet,
+    header: &fedhcc_client::transport::Exported,
+    layout: FileLayout,
+    out: &Path,
+) -> Result<()> {
     let metadata = std::collections::BTreeMap::from([
         ("study_id".to_string(), header.study_id.clone()),
         ("run_id".to_string(), header.run_id.clone()),
@@ -181,25 +171,4 @@ fn write_safetensors(params: &ParameterSet, header: &pb::ExportHeader, layout: F
     ]);
     let bytes = crate::lead::model_file::safetensors_bytes(params, layout, &metadata)?;
     fedhcc_core::pki::write_atomic(out, &bytes, false).with_context(|| format!("writing {}", out.display()))
-}
-
-/// Prints the study lead's part of `fedhcc status`: the run's control state, removed sites and
-/// the recent admin actions.
-pub fn print_admin_view(view: Option<&pb::AdminView>) {
-    let Some(v) = view else { return };
-    if v.run_control != "running" {
-        println!("Run control: {}", v.run_control.replace('_', " "));
-    }
-    if !v.removed_sites.is_empty() {
-        println!("Removed from the allow-list: {}", v.removed_sites.join(", "));
-    }
-    if !v.recent_actions.is_empty() {
-        println!("\nadmin actions");
-        for a in &v.recent_actions {
-            let when = chrono::DateTime::from_timestamp(a.unix, 0)
-                .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-                .unwrap_or_else(|| a.unix.to_string());
-            println!("  {when}  {:<10} {:<9} {}", a.admin, a.action, a.detail);
-        }
-    }
 }

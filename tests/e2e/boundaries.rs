@@ -1,7 +1,6 @@
 //! The import boundaries of ARCHITECTURE.md, checked on the sources: burn only in the model crate;
 //! the wire's types (prost messages, tonic) only in the protocol crate and the rooms that speak the
-//! wire. A file that starts using them elsewhere fails here, and so does a file still listed as
-//! "not yet moved" that no longer needs the listing (the list only shrinks).
+//! wire. A file that starts using them elsewhere fails here.
 
 use std::path::{Path, PathBuf};
 
@@ -16,16 +15,7 @@ const PROTOCOL_ROOMS: &[&str] = &[
     "server/src/lib.rs",
     "server/src/error.rs",
     "client/src/transport.rs",
-];
-
-/// Files that still use the wire's types directly and are to move behind the transport and
-/// service modules (issue #14, point 4). Shrink this list; never grow it.
-const NOT_YET_MOVED: &[&str] = &[
-    "client/src/lib.rs",
-    "client/src/secagg.rs",
-    "src/lead/admin_cmd.rs",
-    "src/commands.rs",
-    "src/dev/bench/drills.rs",
+    "client/src/transport/",
 ];
 
 /// Where burn may be used.
@@ -78,7 +68,7 @@ fn the_wire_and_burn_stay_in_their_rooms() {
         let wire = uses(text, WIRE);
         if !wire.is_empty() {
             seen_wire += 1;
-            if !within(path, PROTOCOL_ROOMS) && !within(path, NOT_YET_MOVED) {
+            if !within(path, PROTOCOL_ROOMS) {
                 stray.push(format!("{path}: the wire's types outside the transport and service modules: {}", wire[0]));
             }
         }
@@ -92,18 +82,10 @@ fn the_wire_and_burn_stay_in_their_rooms() {
 }
 
 #[test]
-fn the_not_yet_moved_list_only_names_files_that_still_need_it() {
-    let files = sources();
-    for listed in NOT_YET_MOVED {
-        let (_, text) = files.iter().find(|(p, _)| p == listed).unwrap_or_else(|| panic!("{listed} does not exist"));
-        assert!(!uses(text, WIRE).is_empty(), "{listed} no longer uses the wire's types: take it off NOT_YET_MOVED");
-    }
-}
-
-#[test]
 fn a_comment_is_not_a_use_but_code_is() {
     assert!(uses("//! burn::Tensor in a doc comment\n    // pb::Ack in a comment", BURN).is_empty());
     assert_eq!(uses("use burn::tensor::Tensor;\n", BURN).len(), 1);
     assert_eq!(uses("    let r: pb::Ack = x;\n", WIRE).len(), 1);
     assert!(within("server/src/service/secagg.rs", PROTOCOL_ROOMS) && !within("server/src/state.rs", PROTOCOL_ROOMS));
 }
+

@@ -168,8 +168,9 @@ async fn a_site_lost_after_masking_restarts_the_round_without_it_and_the_model_i
     let reply = c.await_roster(tref.clone()).await.unwrap().into_inner();
     let names: Vec<&str> = reply.members.iter().map(|m| m.site_id.as_str()).collect();
     assert_eq!(names, ["a", "b", "c"]);
-    let spec = fedhcc_client::secagg::MaskingSpec::from_task(&t).unwrap();
-    let roster = fedhcc_client::secagg::roster_from_reply(&tref, &reply, &spec.fixed).unwrap();
+    let spec = fedhcc_client::secagg::MaskingSpec::from_task(&t.clone().try_into().unwrap()).unwrap();
+    let roster =
+        fedhcc_client::secagg::roster_from_reply(&tref.clone().into(), &reply.clone().into(), &spec.fixed).unwrap();
     let (payload, _) =
         fedhcc_client::secagg::mask_payload("c", keys, &roster, &spec.fixed, 45, &vec![0.001f32; N]).unwrap();
     let mut header = header_for(&tref, &payload, &unit_model(N).fingerprint().to_hex(), fedhcc_proto::MAX_CHUNK_BYTES);
@@ -448,8 +449,8 @@ async fn mask_for(
 ) -> (pb::UpdateHeader, Vec<u8>) {
     let tref = t.task.clone().unwrap();
     let reply = c.await_roster(tref.clone()).await.unwrap().into_inner();
-    let spec = fedhcc_client::secagg::MaskingSpec::from_task(t).unwrap();
-    let roster = fedhcc_client::secagg::roster_from_reply(&tref, &reply, &spec.fixed).unwrap();
+    let spec = fedhcc_client::secagg::MaskingSpec::from_task(&t.clone().try_into().unwrap()).unwrap();
+    let roster = fedhcc_client::secagg::roster_from_reply(&tref.clone().into(), &reply.into(), &spec.fixed).unwrap();
     let (payload, _) = fedhcc_client::secagg::mask_payload(site, keys, &roster, &spec.fixed, 10, values).unwrap();
     let fp = unit_model(values.len()).fingerprint().to_hex();
     let mut header = header_for(&tref, &payload, &fp, fedhcc_proto::MAX_CHUNK_BYTES);

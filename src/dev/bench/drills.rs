@@ -23,7 +23,8 @@ use crate::dev::demo::{free_port, wait_for_port, write_loopback_configs};
 use crate::executor::NoiseExecutor;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use fedhcc_proto as pb;
+use fedhcc_client::task::{TaskEvent, TrainTask};
+use fedhcc_client::transport::{Connection, TaskStream};
 use fedhcc_server::store::{RoundRecord, Store};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -315,38 +316,23 @@ fn check_all_committed(dir: &Path, rounds: u32) -> Result<Vec<RoundRecord>> {
 }
 
 /// The next train task on a task stream.
-async fn next_train(events: &mut tonic::Streaming<pb::TaskEvent>) -> Result<pb::TrainTask> {
+async fn next_train(events: &mut TaskStream) -> Result<TrainTask> {
     loop {
-        let ev = tokio::time::timeout(Duration::from_secs(120), events.message())
+        let ev = tokio::time::timeout(Duration::from_secs(120), events.next())
             .await
             .context("no train task within 120 s")??
             .context("the server closed the task stream")?;
-        if let Some(pb::task_event::Event::Train(t)) = ev.event {
+        if let TaskEvent::Train(t) = ev.event? {
             return Ok(t);
         }
     }
 }
 
 /// A hand-driven site: joined, with its task stream open.
-async fn manual_site(
-    dir: &Path,
-    port: u16,
-    site: &str,
-) -> Result<(pb::federation_client::FederationClient<tonic::transport::Channel>, tonic::Streaming<pb::TaskEvent>)> {
-    let mut c = fedhcc_client::transport::connect(&target(dir, port, site)).await?;
-    c.join(pb::JoinRequest {
-        study_id: STUDY.into(),
-        client_version: pb::PROTOCOL_VERSION.into(),
-        model_fingerprint: String::new(),
-        num_samples: 100,
-    })
-    .await
-    .context("join")?;
-    let events = c
-        .wait_task(pb::WaitTaskRequest { study_id: STUDY.into(), run_id: RUN.into() })
-        .await
-        .context("wait for tasks")?
-        .into_inner();
+async fn manual_site(dir: &Path, port: u16, site: &str) -> Result<(Connection, TaskStream)> {
+    let mut c = Connection::open(&target(dir, port, site)).await?;
+    c.join(fedhcc_client::transport::join_request(STUDY, None, 100)).await.context("join")?;
+    let events = c.tasks(STUDY, RUN).await.context("wait for tasks")?;
     Ok((c, events))
 }
 
@@ -387,40 +373,17 @@ fn server_kill(dir: &Path) -> Result<Value> {
     let (kill_task, received, upload) = rt.block_on(async {
         let (mut c, mut events) = manual_site(dir, port, "b").await?;
         let t = next_train(&mut events).await?;
-        let tref = t.task.clone().context("a task without its reference")?;
-        let (mut delta, _) = fedhcc_client::transport::download(&mut c, tref.clone(), &t.model_sha256).await?;
+        let (mut delta, _, _) = c.download(&t.task, &t.model_sha256).await?;
         delta.values_mut().iter_mut().for_each(|v| *v = 0.001);
-        fedhcc_client::transport::upload(&mut c, tref, &delta, 100, vec![]).await?;
+        c.upload(&t.task, &delta, 100, vec![]).await?;
 
         let t = next_train(&mut events).await?;
-        let tref = t.task.clone().context("a task without its reference")?;
-        let payload = delta.encode();
-        let chunks: Vec<&[u8]> = payload.chunks(fedhcc_proto::MAX_CHUNK_BYTES).collect();
-        let header = pb::UpdateHeader {
-            task: Some(tref.clone()),
-            model_fingerprint: delta.fingerprint().to_hex(),
-            num_samples: 100,
-            total_bytes: payload.len() as u64,
-            sha256: fedhcc_core::params::sha256_hex(&payload),
-            chunks: chunks.len() as u32,
-            metrics: vec![],
-            ..Default::default()
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        tx.send(pb::UploadPart { part: Some(pb::upload_part::Part::Header(header)) }).await?;
-        for ch in &chunks[..2] {
-            tx.send(pb::UploadPart { part: Some(pb::upload_part::Part::Chunk(ch.to_vec().into())) }).await?;
-        }
-        let mut up = c.clone();
-        let upload = tokio::spawn(async move {
-            let r = up.upload_update(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
-            drop(tx);
-            r
-        });
+        let tref = t.task;
+        let upload = c.upload_stalled(&tref, &delta, 100, 2).await?;
         let t0 = Instant::now();
         let spool = dir.join("server-state/spool");
         let found = loop {
-            if let Some(p) = part_file(&spool, "b", 2 * fedhcc_proto::MAX_CHUNK_BYTES as u64) {
+            if let Some(p) = part_file(&spool, "b", 2 * fedhcc_client::transport::MAX_CHUNK_BYTES as u64) {
                 break p;
             }
             if t0.elapsed() > Duration::from_secs(30) {
@@ -653,10 +616,8 @@ fn stall(dir: &Path) -> Result<Value> {
             })
             .collect();
         let t = next_train(&mut events).await?;
-        let mut download =
-            c.download_model(t.task.clone().context("a task without its reference")?).await?.into_inner();
         // The header, then nothing more is read from either stream.
-        download.message().await?;
+        let download = c.download_stalled(&t.task).await?;
         Ok::<_, anyhow::Error>((c, events, download, clients))
     })?;
     let t0 = Instant::now();
