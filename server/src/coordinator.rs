@@ -2,6 +2,10 @@
 //! (sites connected, an update accepted, time passing, a round committed) with the current
 //! `Instant`, and carry out the [`Action`]s it returns. This keeps every rule about rounds,
 //! quorum, retries and late or duplicate submissions testable in microseconds.
+//!
+//! Size: one state machine; its rules (quorum, retries, late and duplicate submissions, pause and
+//! abort) are written against one another and would hide from one another across files. A third of
+//! the file is its tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};

@@ -24,6 +24,9 @@
 //!
 //! The page polls `/api/dashboard` every 2 seconds and draws its charts as inline SVG; no request
 //! leaves the server, and the content security policy forbids it.
+//!
+//! Size: the page, its JSON and the Prometheus text, all rendered from the one status view, with
+//! the HTTPS listener that serves them. A third of the file is its tests.
 
 use crate::state::{Shared, lock, now_unix};
 use crate::{ServerError, listener, status_json, status_reply};

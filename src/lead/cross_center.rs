@@ -25,6 +25,9 @@
 //! `<name>/cross-center.csv` (every cell with its counts and intervals) and `<name>/runs/` (each
 //! federation's server state, for `fedhcc report --server-state`); `study.json` and `study.md` over
 //! every model. Only aggregate statistics are written; no patient-level value.
+//!
+//! Size: the cross-center simulation (local, central and federated models per center, then every
+//! model validated at every center) is one experiment whose steps share the same loaded sites.
 
 use crate::dev::simulation::{SimSite, run_federation};
 use crate::lead::report::{CrossCenter, CrossCenterMatrix, CrossCenterRow};

@@ -19,6 +19,11 @@
 //! {"center_a": 0.71, "center_b": 0.64}}, …], "note": "…"}` (a `null` cell: not evaluated).
 //!
 //! Nothing patient-level is read: only counts and aggregate statistics.
+//!
+//! Size: reading the run's records, checking them against the checkpoint and the study's identity,
+//! and the text and JSON outputs share one set of loaded facts, so that every number the report
+//! prints has one source. The evaluation tables and the HTML page are already rooms of their own
+//! (`report/`).
 
 mod evaluation;
 mod html;

@@ -89,3 +89,37 @@ fn a_comment_is_not_a_use_but_code_is() {
     assert!(within("server/src/service/secagg.rs", PROTOCOL_ROOMS) && !within("server/src/state.rs", PROTOCOL_ROOMS));
 }
 
+/// A source file longer than this says at its top why it is one file (a `//! Size:` line).
+const LONG_FILE_LINES: usize = 700;
+
+#[test]
+fn long_files_say_why_they_are_one_file() {
+    let mut unexplained = Vec::new();
+    for (path, text) in sources().into_iter().filter(|(p, _)| !p.contains("/tests/") && !p.contains("/benches/")) {
+        let lines = text.lines().count();
+        let explained = text.lines().take_while(|l| l.starts_with("//!")).any(|l| l.starts_with("//! Size:"));
+        if lines > LONG_FILE_LINES && !explained {
+            unexplained.push(format!("{path}: {lines} lines"));
+        }
+    }
+    assert!(
+        unexplained.is_empty(),
+        "files over {LONG_FILE_LINES} lines without a `//! Size:` reason at their top:\n{}",
+        unexplained.join("\n")
+    );
+}
+
+#[test]
+fn the_coordinator_does_no_io_and_reads_no_clock() {
+    const IO: &[&str] =
+        &["std::fs", "std::net", "std::thread", "tokio", "rusqlite", "File::", "Instant::now", "SystemTime"];
+    let mut checked = 0;
+    for (path, text) in sources().into_iter().filter(|(p, _)| p.starts_with("server/src/coordinator")) {
+        // Its tests make their own `Instant`s; the state machine itself is handed them.
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let io = uses(code, IO);
+        assert!(io.is_empty(), "{path}: the coordinator must stay pure, found: {}", io[0]);
+        checked += 1;
+    }
+    assert!(checked >= 3, "read {checked} coordinator files");
+}

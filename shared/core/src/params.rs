@@ -13,6 +13,9 @@
 //! The header is bincode-encoded (names, shapes, fingerprint); the numbers follow as raw little-endian
 //! f32, exactly as bincode would write them, but contiguous so that a receiver can fold them into a
 //! running sum chunk by chunk ([`PayloadReader`]) without ever holding a second copy of the model.
+//!
+//! Size: the parameter set and its one codec (encode, streaming decode, layout fingerprint). The
+//! wire, the disk and the strategies depend on the codec having exactly one definition.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

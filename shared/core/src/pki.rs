@@ -15,6 +15,10 @@
 //! crl.pem                      revocation list signed by the CA (always present, maybe empty)
 //! registry.json                every certificate issued: kind, name, serial, expiry, revocation
 //! ```
+//!
+//! Size: issuing, loading and verifying certificates and the revocation list share the identity
+//! rules (CN, SAN, key usages, validity). Issuer and verifier are kept in one file so they cannot
+//! drift apart.
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,

@@ -47,6 +47,11 @@
 //! the sum (and each site's sample count). With two sites, each site can compute the other's update
 //! from the new global model: secure aggregation protects against the server and the network, and
 //! differential privacy ([`crate::dp`]) is what protects one site from another.
+//!
+//! Size: the key pairs, the roster and its digest, the pairwise masks, the fixed-point encoding and
+//! the server's sum are one protocol whose security rests on invariants between them (masks cancel
+//! only over the digest's roster; the bounds keep the sum below 2^63). A reviewer reads them in one
+//! place.
 
 use chacha20::ChaCha20;
 use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};

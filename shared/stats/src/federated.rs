@@ -24,6 +24,10 @@
 //! [`SurvivalCounts::check_min_cell`]. A figure that fails is left out (`null`) and `notes` says
 //! why in fixed words, never with a patient's value. The server refuses a report that breaks the
 //! rule it declares, or declares a rule below the study's floor.
+//!
+//! Size: the site's evaluation summary, the server's checks of it and the pooling are one format: a
+//! field added to one is checked and pooled in the others in the same change. A sixth of the file
+//! is the tests of those checks.
 
 use crate::binary::{self, Auc, Calibration, Confusion, Proportion};
 use crate::pooled::{ScoreHistogram, SurvivalCounts};

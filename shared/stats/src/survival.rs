@@ -9,6 +9,9 @@
 //!   and j was censored (a censored patient is taken to outlive an event at the same time), as lifelines
 //!   and scikit-survival do;
 //! - rows are numbered from 1 in errors.
+//!
+//! Size: concordance, Kaplan–Meier, log-rank, Cox and the time-dependent AUC share one risk-set
+//! ordering and one tie rule; kept together so that every statistic breaks ties the same way.
 
 use crate::numeric::{check_finite, check_len, check_not_constant, normal_two_sided_p, z_critical};
 use crate::{Result, StatsError};

@@ -7,6 +7,9 @@
 //! database holds each site's held-out AUC and log-loss per round. The results go to `--out`:
 //! `strategies.md` (comparison table), `strategies.json` (every number) and `convergence.svg`
 //! (test AUC per round, one panel per site, one line per strategy, mean over seeds).
+//!
+//! Size: one benchmark: every strategy runs the same real federation on the same cohort, rounds and
+//! seeds, and its comparison table is made from those runs.
 
 use crate::dev::simulation::{SimSite, run_federation};
 use anyhow::{Context, Result, bail};

@@ -17,6 +17,9 @@
 //!
 //! Each site's entry in the evaluation file is a [`SiteEvaluation`] (`fedhcc_stats::federated`), at the
 //! top of the entry or under one of its members; nothing patient-level is read.
+//!
+//! Size: the per-site and pooled evaluation rows, their confidence intervals and the survival
+//! figures are built from the same records and must agree with one another.
 
 use fedhcc_server::store::EvaluationRecord;
 use fedhcc_stats::binary::{Calibration, NetBenefit, Proportion, RocCurve, wilson};

@@ -1,5 +1,8 @@
 //! `report.html`: the study report as one self-contained page (inline CSS and SVG, no script, no
 //! external reference), for a clinician-statistician; it prints on paper as it shows on screen.
+//!
+//! Size: one self-contained page (inline CSS and SVG, no script): its layout, styles and figures
+//! are one template.
 
 use super::evaluation::{EvaluationSection, Interval, PerformanceRow};
 use super::{FlowSection, StudyReport};

@@ -5,6 +5,9 @@
 //! Tiles are read and described on a few worker threads (one [`Slide::read_region`] each; the slide's file
 //! access is serialised, decoding is not), so memory is a few tiles per thread whatever the slide's size.
 //! Results land in tile order, so the output does not depend on the thread count.
+//!
+//! Size: the extractor trait, the handcrafted H&E features (colour deconvolution, texture, nuclei)
+//! and the slide-to-bag loop: the feature table and its width change together.
 
 use std::cell::RefCell;
 use std::sync::LazyLock;

@@ -35,6 +35,9 @@
 //! `1 + c·(x, y, z, xy)` (coordinates in units of 200 mm), and adds complex Gaussian noise of standard
 //! deviation [`MriPhantom::noise`] (relative to the liver's pre-contrast signal, 400 units), so that voxels are
 //! Rician magnitudes, as in a magnitude MR image. Values are stored as int16, masks as int16 0/1.
+//!
+//! Size: one generator: the phantom's anatomy, the per-phase contrast kinetics and the scanner
+//! parameters are tuned against one another so that the preoperative model has a signal to find.
 
 use std::path::{Path, PathBuf};
 

@@ -9,6 +9,9 @@
 //!   nibabel's base affine from `pixdim` (x flipped, centred);
 //! - nibabel's load-time header fixes: `pixdim[1..4]` taken as absolute values with 0 read as 1, and a `qfac`
 //!   (`pixdim[0]`) other than −1 read as 1.
+//!
+//! Size: one format: NIfTI-1 and NIfTI-2 headers, the affine as nibabel derives it (qform and
+//! sform), the data types and the gzip writer.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};

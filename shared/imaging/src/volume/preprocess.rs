@@ -51,6 +51,9 @@
 //! scans, the interpolation, and writing the crop.
 //!
 //! Values are interpolated and normalised in `f64` and stored as `f32`.
+//!
+//! Size: one pipeline (orientation, resampling, tumour box, per-phase normalisation, crop) whose
+//! steps share the geometry types and the rationale written beside each.
 
 use std::path::{Path, PathBuf};
 
