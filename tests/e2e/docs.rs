@@ -198,3 +198,52 @@ fn the_guide_checker_catches_a_wrong_flag_and_a_wrong_subcommand() {
         assert!(r.is_err(), "`{bad}` was accepted");
     }
 }
+
+/// The tests ARCHITECTURE.md's invariants name (`module::test_name`, in backticks), as
+/// `(path, test name)`.
+fn named_tests(markdown: &str) -> Vec<(String, String)> {
+    let section = markdown.split("## Invariants").nth(1).unwrap_or_default();
+    let section = section.split("\n## ").next().unwrap_or_default();
+    let mut out = Vec::new();
+    for quoted in section.split('`').skip(1).step_by(2) {
+        if !quoted.contains("::") || quoted.contains(' ') {
+            continue;
+        }
+        let name = quoted.rsplit("::").next().unwrap_or_default();
+        if name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') && name.contains('_') {
+            out.push((quoted.to_string(), name.to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_test_architecture_md_names_for_an_invariant_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let named = named_tests(&text);
+    assert!(named.len() >= 15, "found {} test names in the invariants", named.len());
+    let mut sources = String::new();
+    let mut stack = vec![root.join("tests"), root.join("server"), root.join("client"), root.join("shared")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                sources.push_str(&std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    let missing: Vec<_> =
+        named.iter().filter(|(_, name)| !sources.contains(&format!("fn {name}("))).map(|(q, _)| q.as_str()).collect();
+    assert!(missing.is_empty(), "ARCHITECTURE.md names tests that do not exist: {missing:?}");
+}
+
+#[test]
+fn the_invariant_test_finder_reads_names_and_skips_code() {
+    let md =
+        "## Invariants\n- rule: `a::b_c`, `fedhcc_core::aggregation::check_strategy` and `x y::z`.\n## Next\n`q::r_s`";
+    let names: Vec<_> = named_tests(md).into_iter().map(|(_, n)| n).collect();
+    assert_eq!(names, ["b_c", "check_strategy"]);
+}
