@@ -290,7 +290,11 @@ impl<E: Executor> Runner<E> {
         metrics.push(("train_seconds".into(), started.elapsed().as_secs_f64()));
         self.status("uploading", format!("round {round}: uploading the update"), round);
         let sent = match masking {
-            Some(spec) => self.upload_masked(conn, &tref, spec, delta, result.num_samples, metrics).await?,
+            Some(spec) => match self.upload_masked(conn, &tref, spec, delta, result.num_samples, metrics).await? {
+                Some(sent) => sent,
+                // Skipped (logged and noted there): the site waits for the next task.
+                None => return Ok(()),
+            },
             None => {
                 // Recorded before it leaves: the same bytes and SHA-256 as the upload's payload.
                 self.audit.record(Direction::Sent, &tref.task_id, round, "update", &delta.encode())?;

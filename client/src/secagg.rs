@@ -274,7 +274,11 @@ impl<E: Executor> Runner<E> {
         }
     }
 
-    /// After local training: fetches the roster, applies DP, masks and uploads `delta`.
+    /// After local training: fetches the roster, applies DP, masks and uploads `delta`. `None` when
+    /// the site takes no part in this attempt: the roster the server sent cannot be masked for (a
+    /// member's key unusable, this site missing, a digest that differs), or the masking failed. That
+    /// is a failed task, logged and shown in `status.json`, never the end of the client: whoever
+    /// sent the roster cannot stop a site by it.
     pub(crate) async fn upload_masked(
         &mut self,
         conn: &mut Connection,
@@ -283,13 +287,20 @@ impl<E: Executor> Runner<E> {
         delta: ParameterSet,
         num_samples: u64,
         metrics: Vec<(String, f64)>,
-    ) -> Result<Result<u64, TransportError>, ClientError> {
+    ) -> Result<Option<Result<u64, TransportError>>, ClientError> {
         let (reply, bytes) = match conn.await_roster(tref).await {
             Ok(r) => r,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => return Ok(Some(Err(e))),
         };
         self.audit.record(Direction::Received, &tref.task_id, tref.round, "roster", &bytes)?;
-        let roster = roster_from_reply(tref, &reply, &spec.fixed).map_err(TransportError::Damaged)?;
+        let roster = match roster_from_reply(tref, &reply, &spec.fixed) {
+            Ok(r) => r,
+            Err(e) => {
+                self.secagg.keys = None;
+                self.skip_task(tref, &format!("the server's roster cannot be used, so no update is sent: {e}"));
+                return Ok(None);
+            }
+        };
         let Some((_, keys)) = self.secagg.keys.take().filter(|(id, _)| *id == tref.task_id) else {
             return Err(ExecutorError(format!("{}: this site's key pair for the task is gone", tref.describe())).into());
         };
@@ -309,8 +320,14 @@ impl<E: Executor> Runner<E> {
             Ok::<_, String>((payload, sha, stats, dp, roster.digest()))
         })
         .await
-        .map_err(|e| ExecutorError(format!("masking the update failed: {e}")))?
-        .map_err(|e| ExecutorError(format!("{}: the update cannot be masked: {e}", tref.describe())))?;
+        .map_err(|e| ExecutorError(format!("masking the update failed: {e}")))?;
+        let masked = match masked {
+            Ok(m) => m,
+            Err(e) => {
+                self.skip_task(tref, &format!("the update cannot be masked, so none is sent: {e}"));
+                return Ok(None);
+            }
+        };
         let (payload, sha, stats, dp, digest) = masked;
         if stats.clipped > 0 {
             tracing::warn!(
@@ -338,7 +355,7 @@ impl<E: Executor> Runner<E> {
         let payload = bytes::Bytes::from(payload);
         self.secagg.masked =
             Some(MaskedUpload { task_id: tref.task_id.clone(), payload: payload.clone(), header: header.clone() });
-        Ok(conn.upload_masked(&header, payload).await)
+        Ok(Some(conn.upload_masked(&header, payload).await))
     }
 
     /// A task this site cannot take part in: logged, noted for `status.json`, and done with.

@@ -82,6 +82,29 @@ pub fn check_text(field: &str, s: &str, max: usize) -> Result<(), Status> {
     Ok(())
 }
 
+/// A model layout fingerprint from a request: 64 lowercase hex digits (a SHA-256), or empty where
+/// `optional` (a site that names no model). Checked before it is compared or shown, so that no
+/// message ever cuts a site's string inside a character.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming `field`.
+pub fn check_fingerprint(field: &str, s: &str, optional: bool) -> Result<(), Status> {
+    if s.is_empty() && optional {
+        return Ok(());
+    }
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(Status::invalid_argument(format!(
+            "{field} is not a model fingerprint (64 lowercase hexadecimal digits, as `fedhcc` writes it)"
+        )));
+    }
+    Ok(())
+}
+
+/// The first `n` characters of `s` (never cut inside a character), for a message.
+pub fn prefix(s: &str, n: usize) -> &str {
+    s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i])
+}
+
 /// A sample count from a request: at most [`MAX_SAMPLES`].
 ///
 /// # Errors
@@ -271,7 +294,7 @@ impl pb::federation_server::Federation for FederationService {
         let r = req.into_inner();
         self.shared.audit.record(message_entry(Direction::Received, &site, None, "join", &r)).await;
         let checked = check_str("study_id", &r.study_id)
-            .and_then(|()| check_str("model_fingerprint", &r.model_fingerprint))
+            .and_then(|()| check_fingerprint("model_fingerprint", &r.model_fingerprint, true))
             .and_then(|()| check_str("client_version", &r.client_version))
             .and_then(|()| check_samples("num_samples", r.num_samples));
         checked.map_err(|s| self.refuse(&site, s))?;
@@ -291,8 +314,8 @@ impl pb::federation_server::Federation for FederationService {
                 &site,
                 Status::failed_precondition(format!(
                     "this site's model layout {} differs from the study model {}: check that the site uses the same study configuration",
-                    &r.model_fingerprint[..r.model_fingerprint.len().min(12)],
-                    &fp[..12]
+                    prefix(&r.model_fingerprint, 12),
+                    prefix(&fp, 12)
                 )),
             ));
         }

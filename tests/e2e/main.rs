@@ -12,6 +12,7 @@ mod drills;
 mod evaluation;
 mod frontdoor;
 mod harness;
+mod hostile;
 mod multimodal;
 mod policy;
 mod process;

@@ -86,6 +86,9 @@ impl FederationService {
             return Err(Status::failed_precondition("this study does not use secure aggregation; no key is needed"));
         }
         let key = public_key(&r.public_key)?;
+        // A low-order or non-canonical key would make every other site's masking fail: refused here,
+        // so that one site cannot stop the others.
+        fedhcc_secure::secagg::check_public_key(site, &key).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let actions = lock(&self.shared.coord)
             .key_advertised(site, &t.task_id, key, Instant::now())
             .map_err(|r| refusal_status(&r))?;

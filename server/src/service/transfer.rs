@@ -31,7 +31,7 @@ use tonic::{Status, Streaming};
 /// # Errors
 /// `INVALID_ARGUMENT` naming the field.
 pub(super) fn check_header_fields(h: &pb::UpdateHeader) -> Result<Vec<(String, f64)>, Status> {
-    check_str("model_fingerprint", &h.model_fingerprint)?;
+    super::check_fingerprint("model_fingerprint", &h.model_fingerprint, false)?;
     check_str("sha256", &h.sha256)?;
     check_metrics(&h.metrics)
 }
@@ -69,7 +69,7 @@ fn check_update_layout(h: &pb::UpdateHeader, g: &GlobalModel) -> Result<(), Stat
     if h.model_fingerprint != g.fingerprint().to_hex() {
         return Err(Status::failed_precondition(format!(
             "update layout {} does not match the study model {}",
-            &h.model_fingerprint[..h.model_fingerprint.len().min(12)],
+            super::prefix(&h.model_fingerprint, 12),
             g.fingerprint().short()
         )));
     }

@@ -148,6 +148,11 @@ pub enum SecAggError {
         /// The peer whose key was refused.
         peer: String,
     },
+    /// A public key that is not the canonical encoding of a curve point's u-coordinate.
+    #[error(
+        "the public key is not a canonical X25519 encoding (the top bit is set or the value is not below 2^255 - 19)"
+    )]
+    NonCanonicalKey,
     /// HKDF refused the requested output (cannot happen for 32 bytes; kept as an error, not a panic).
     #[error("secure aggregation key derivation failed")]
     Kdf,
@@ -365,6 +370,26 @@ impl Roster {
     pub fn public_key(&self, site: &str) -> Option<&[u8; 32]> {
         self.members.get(site)
     }
+}
+
+/// Checks a public key a site advertises before anyone masks with it: its encoding is canonical
+/// (the u-coordinate below 2^255 - 19, the unused top bit clear) and it is not a low-order point,
+/// which would give every peer an all-zero shared secret (checked as the peers would meet it: an
+/// X25519 exchange with a fixed secret is not contributory exactly for those points).
+///
+/// # Errors
+/// [`SecAggError::NonCanonicalKey`], or [`SecAggError::LowOrderKey`] naming `site`.
+pub fn check_public_key(site: &str, key: &[u8; 32]) -> Result<(), SecAggError> {
+    // 2^255 - 19, little endian: ed ff … ff 7f.
+    let at_least_p = key[31] == 0x7f && key[1..31].iter().all(|&b| b == 0xff) && key[0] >= 0xed;
+    if key[31] & 0x80 != 0 || at_least_p {
+        return Err(SecAggError::NonCanonicalKey);
+    }
+    let probe = StaticSecret::from([0x5a; 32]);
+    if !probe.diffie_hellman(&PublicKey::from(*key)).was_contributory() {
+        return Err(SecAggError::LowOrderKey { peer: site.to_string() });
+    }
+    Ok(())
 }
 
 /// The 32-byte seed that `my_id` and `peer_id` share for this roster: X25519, then HKDF-SHA256 with

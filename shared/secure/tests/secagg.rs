@@ -498,3 +498,32 @@ fn bench_mask_runs_and_reports_a_correct_mean() {
     assert!(t.max_abs_error < 1e-8, "{}", t.max_abs_error);
     assert!(bench_mask(10, 1).is_err());
 }
+
+#[test]
+fn low_order_and_non_canonical_public_keys_are_refused_and_real_keys_pass() {
+    use fedhcc_secure::secagg::{SecAggError, check_public_key};
+    let key = |h: &str| <[u8; 32]>::try_from(hex::decode(h).unwrap()).unwrap();
+    // The canonical encodings of the points of order 1, 2, 4 and 8 (Bernstein's list for X25519).
+    for low in [
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    ] {
+        assert!(matches!(check_public_key("x", &key(low)), Err(SecAggError::LowOrderKey { .. })), "{low}");
+    }
+    // p, p + 1 and a set top bit are not canonical encodings.
+    for bad in [
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "0900000000000000000000000000000000000000000000000000000000000080",
+    ] {
+        assert!(matches!(check_public_key("x", &key(bad)), Err(SecAggError::NonCanonicalKey)), "{bad}");
+    }
+    let mut rng = rand::rng();
+    for _ in 0..64 {
+        let k = RoundKeys::generate(&mut rng);
+        check_public_key("x", &k.public_bytes()).unwrap();
+    }
+}
