@@ -24,7 +24,51 @@ pub fn certs_init(
     for c in &reg.issued {
         println!("  {:<7} {:<24} valid until {}", format!("{:?}", c.role).to_lowercase(), c.name, c.not_after);
     }
-    println!("Give each site its site-<id>.pem, site-<id>.key.pem and ca.pem; keep ca.key.pem offline.");
+    if sites.is_empty() {
+        println!(
+            "Each site makes its own key: `fedhcc certs request --site ID --out DIR` there, then `fedhcc certs sign \
+             --dir {} --csr ID.csr.pem --out site-ID.pem` here. Keep ca.key.pem offline.",
+            dir.display()
+        );
+    } else {
+        println!(
+            "Give each site its site-<id>.pem, site-<id>.key.pem and ca.pem; keep ca.key.pem offline. The sites' keys \
+             were made on this machine: for real sites, use `fedhcc certs request` and `fedhcc certs sign` instead."
+        );
+    }
+    Ok(())
+}
+
+/// `fedhcc certs request`: the site's key and its signing request.
+pub fn certs_request(out: &Path, site: Option<String>, admin: Option<String>) -> Result<()> {
+    let (role, name) = who(site, admin)?;
+    let (key, csr) = pki::request(out, role, &name)?;
+    println!("Private key written to {} (owner-only; it stays here).", key.display());
+    println!(
+        "Send {} to the study lead, who signs it with `fedhcc certs sign`; put the certificate they send back, \
+         with the study's ca.pem, into this site's [tls] configuration.",
+        csr.display()
+    );
+    Ok(())
+}
+
+/// `fedhcc certs sign`: the study CA signs a request; the certificate goes to `out`.
+pub fn certs_sign(dir: &Path, csr: &Path, out: &Path, days: u32) -> Result<()> {
+    let pem = std::fs::read_to_string(csr).with_context(|| format!("reading the signing request {}", csr.display()))?;
+    if out.exists() {
+        bail!("{} already exists; refusing to overwrite a certificate", out.display());
+    }
+    let (c, cert) = pki::sign(dir, &pem, Validity::days(days)).with_context(|| format!("{}", csr.display()))?;
+    pki::write_atomic(out, cert.as_bytes(), false)?;
+    println!(
+        "Signed a {} certificate for '{}' (serial {}), valid until {}, written to {}. Send it to the site with {}.",
+        format!("{:?}", c.role).to_lowercase(),
+        c.name,
+        c.serial_hex,
+        c.not_after,
+        out.display(),
+        pki::CertDir::new(dir).ca().display()
+    );
     Ok(())
 }
 

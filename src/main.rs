@@ -172,7 +172,10 @@ enum ClientCommand {
 
 #[derive(Subcommand)]
 enum CertsCommand {
-    /// Create a study CA, a server certificate, one certificate per site and an admin certificate.
+    /// Create a study CA, a server certificate, and optionally site and admin certificates. The
+    /// site certificates made here come with their private keys, made on this machine: that suits
+    /// a demo or a test. For a real hospital, let the site make its own key (`fedhcc certs request`
+    /// at the site, `fedhcc certs sign` here), so that whoever runs the server cannot act as a site.
     Init {
         /// Folder to write the CA, the certificates, their private keys (owner-only) and the
         /// revocation list into; created if missing. Keep it on the study lead's machine: the CA key
@@ -185,8 +188,9 @@ enum CertsCommand {
         /// DNS name the server is reached at (also valid: localhost, 127.0.0.1, ::1).
         #[arg(long)]
         server_name: String,
-        /// Site ids, comma-separated (e.g. `tongji,center_b`).
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Site ids, comma-separated (e.g. `tongji,center_b`), whose keys and certificates are made
+        /// here (demos and tests). Leave out for real sites: they request theirs.
+        #[arg(long, value_delimiter = ',')]
         sites: Vec<String>,
         /// Study lead's name for the admin certificate.
         #[arg(long)]
@@ -196,7 +200,34 @@ enum CertsCommand {
         #[arg(long, default_value_t = 730)]
         days: u32,
     },
-    /// Issue a certificate for one more site (or admin) without touching the others.
+    /// At the site: make this site's private key (owner-only, it never leaves this folder) and a
+    /// certificate signing request, `DIR/ID.csr.pem`, to send to the study lead.
+    Request {
+        #[command(flatten)]
+        who: Who,
+        /// Folder for the key (`ID.key.pem`) and the request (`ID.csr.pem`); created if missing.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// At the study lead: sign a site's (or admin's) certificate signing request with the study CA.
+    /// The name and role come from the request and follow the same rules as `certs issue`.
+    Sign {
+        /// The study's certificate folder made by `fedhcc certs init` (its CA signs the request).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The request the site sent (`ID.csr.pem`).
+        #[arg(long)]
+        csr: PathBuf,
+        /// Where to write the signed certificate, to send back to the site with `ca.pem`.
+        #[arg(long)]
+        out: PathBuf,
+        /// How many days the certificate is valid.
+        #[arg(long, default_value_t = 730)]
+        days: u32,
+    },
+    /// Issue a certificate for one more site (or admin) without touching the others. Its private
+    /// key is made here, on the study lead's machine; for a real site prefer `certs request` and
+    /// `certs sign`.
     Issue {
         /// The study's certificate folder made by `fedhcc certs init` (its CA signs the new
         /// certificate).
@@ -363,6 +394,8 @@ fn main() -> ExitCode {
                 commands::certs_init(&dir, &study, &server_name, &sites, admin.as_deref(), days)
             }
             CertsCommand::Issue { dir, who, days } => commands::certs_issue(&dir, who.site, who.admin, days),
+            CertsCommand::Request { who, out } => commands::certs_request(&out, who.site, who.admin),
+            CertsCommand::Sign { dir, csr, out, days } => commands::certs_sign(&dir, &csr, &out, days),
             CertsCommand::Revoke { dir, who } => commands::certs_revoke(&dir, who.site, who.admin),
         },
         Command::Server { config } => commands::server(&config),

@@ -16,6 +16,7 @@ mod hostile;
 mod multimodal;
 mod policy;
 mod process;
+mod provisioning;
 mod pytorch_export;
 mod report;
 mod rounds;

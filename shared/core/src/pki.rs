@@ -326,12 +326,7 @@ pub fn issue(dir: &Path, role: Role, name: &str, validity: Validity) -> Result<I
     validate_name(role.as_ou(), name)?;
     let cd = CertDir::new(dir);
     let mut reg = cd.load_registry()?;
-    if reg.issued.iter().any(|c| c.role == role && c.name == name && c.revoked_at.is_none()) {
-        return Err(PkiError::Invalid(format!(
-            "{} '{name}' already has a valid certificate; revoke it first (`fedhcc certs revoke`) to replace it",
-            role.as_ou()
-        )));
-    }
+    check_not_issued(&reg, role, name)?;
     let issuer = load_issuer(&cd)?;
     let cert = issue_into(&cd, &issuer, &mut reg, role, name, validity)?;
     cd.save_registry(&reg)?;
@@ -347,6 +342,25 @@ fn issue_into(
     validity: Validity,
 ) -> Result<IssuedCert, PkiError> {
     let key = KeyPair::generate()?;
+    let (p, serial) = leaf_params(reg, role, name, validity)?;
+    let (cert_path, key_path) = match role {
+        Role::Server => (cd.server(), cd.server_key()),
+        Role::Site => (cd.site(name), cd.site_key(name)),
+        Role::Admin => (cd.admin(name), cd.admin_key(name)),
+    };
+    let cert = p.signed_by(&key, issuer)?;
+    write_atomic(&key_path, key.serialize_pem().as_bytes(), true)?;
+    write_atomic(&cert_path, cert.pem().as_bytes(), false)?;
+    Ok(record(reg, role, name, &serial, validity))
+}
+
+/// The parameters of a server, site or admin certificate of this study, and its serial.
+fn leaf_params(
+    reg: &Registry,
+    role: Role,
+    name: &str,
+    validity: Validity,
+) -> Result<(CertificateParams, SerialNumber), PkiError> {
     let mut p = CertificateParams::default();
     p.distinguished_name = subject(&reg.study, role, name);
     p.not_before = validity.not_before;
@@ -356,7 +370,7 @@ fn issue_into(
     p.use_authority_key_identifier_extension = true;
     p.key_identifier_method = KeyIdMethod::Sha256;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let (cert_path, key_path) = match role {
+    match role {
         Role::Server => {
             p.subject_alt_names = vec![
                 SanType::DnsName(name.try_into()?),
@@ -365,20 +379,14 @@ fn issue_into(
                 SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
             ];
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-            (cd.server(), cd.server_key())
         }
-        Role::Site => {
-            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            (cd.site(name), cd.site_key(name))
-        }
-        Role::Admin => {
-            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            (cd.admin(name), cd.admin_key(name))
-        }
-    };
-    let cert = p.signed_by(&key, issuer)?;
-    write_atomic(&key_path, key.serialize_pem().as_bytes(), true)?;
-    write_atomic(&cert_path, cert.pem().as_bytes(), false)?;
+        Role::Site | Role::Admin => p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth],
+    }
+    Ok((p, serial))
+}
+
+/// Adds an issued certificate to the registry.
+fn record(reg: &mut Registry, role: Role, name: &str, serial: &SerialNumber, validity: Validity) -> IssuedCert {
     let rec = IssuedCert {
         role,
         name: name.to_string(),
@@ -387,7 +395,93 @@ fn issue_into(
         revoked_at: None,
     };
     reg.issued.push(rec.clone());
-    Ok(rec)
+    rec
+}
+
+/// Refuses a second valid certificate for one name and role.
+fn check_not_issued(reg: &Registry, role: Role, name: &str) -> Result<(), PkiError> {
+    if reg.issued.iter().any(|c| c.role == role && c.name == name && c.revoked_at.is_none()) {
+        return Err(PkiError::Invalid(format!(
+            "{} '{name}' already has a valid certificate; revoke it first (`fedhcc certs revoke`) to replace it",
+            role.as_ou()
+        )));
+    }
+    Ok(())
+}
+
+/// The files `fedhcc certs request` writes for `name` in `out`: the private key, the request.
+pub fn request_paths(out: &Path, name: &str) -> (PathBuf, PathBuf) {
+    (out.join(format!("{name}.key.pem")), out.join(format!("{name}.csr.pem")))
+}
+
+/// `fedhcc certs request`, at the site (or on the study lead's own machine for an admin): makes
+/// the private key there (owner-only) and a certificate signing request naming `role` and `name`.
+/// The key never leaves `out`; only the request goes to the study lead. Refuses to overwrite a key.
+///
+/// # Errors
+/// An invalid name, a server role (the server's certificate comes from `certs init`), a key already
+/// in `out`, or an I/O failure.
+pub fn request(out: &Path, role: Role, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
+    if role == Role::Server {
+        return Err(PkiError::Invalid("a request is for a site or an admin certificate".into()));
+    }
+    validate_name(role.as_ou(), name)?;
+    let (key_path, csr_path) = request_paths(out, name);
+    if key_path.exists() {
+        return Err(PkiError::Invalid(format!(
+            "{} already exists; refusing to overwrite a private key (move it away to make a new one)",
+            key_path.display()
+        )));
+    }
+    fs::create_dir_all(out).map_err(io_err(out))?;
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.distinguished_name.push(DnType::OrganizationalUnitName, role.as_ou());
+    let csr = p.serialize_request(&key)?;
+    write_atomic(&key_path, key.serialize_pem().as_bytes(), true)?;
+    write_atomic(&csr_path, csr.pem()?.as_bytes(), false)?;
+    Ok((key_path, csr_path))
+}
+
+/// `fedhcc certs sign`, at the study lead: the study CA in `dir` issues a certificate for a
+/// signing request (its signature checked, so the requester holds the key), for the name and role
+/// the request names, under the same naming rule and registry as `certs issue`. Returns the record
+/// and the certificate (PEM) to send back to the requester; no private key is made or seen here.
+///
+/// # Errors
+/// A request that cannot be parsed or whose signature is wrong, a missing or invalid name or role,
+/// a name that already holds a valid certificate, no CA in `dir`, or an I/O failure.
+pub fn sign(dir: &Path, csr_pem: &str, validity: Validity) -> Result<(IssuedCert, String), PkiError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+        PkiError::Invalid(format!("not a certificate signing request made by `fedhcc certs request`: {e}"))
+    })?;
+    let text = |ty: DnType| match csr.params.distinguished_name.get(&ty) {
+        Some(rcgen::DnValue::Utf8String(s)) => Some(s.clone()),
+        Some(rcgen::DnValue::PrintableString(s)) => Some(s.as_str().to_string()),
+        _ => None,
+    };
+    let name = text(DnType::CommonName).ok_or_else(|| PkiError::Invalid("the request names no site (CN)".into()))?;
+    let role = match text(DnType::OrganizationalUnitName).as_deref() {
+        Some("site") => Role::Site,
+        Some("admin") => Role::Admin,
+        other => {
+            return Err(PkiError::Invalid(format!(
+                "the request asks for role {other:?}; only a site or an admin certificate is signed"
+            )));
+        }
+    };
+    validate_name(role.as_ou(), &name)?;
+    let cd = CertDir::new(dir);
+    let mut reg = cd.load_registry()?;
+    check_not_issued(&reg, role, &name)?;
+    let issuer = load_issuer(&cd)?;
+    let (p, serial) = leaf_params(&reg, role, &name, validity)?;
+    let cert = p.signed_by(&csr.public_key, &issuer)?;
+    let rec = record(&mut reg, role, &name, &serial, validity);
+    cd.save_registry(&reg)?;
+    Ok((rec, cert.pem()))
 }
 
 /// Revokes every valid certificate of `name` with `role` and rewrites `crl.pem`. The server reads the
