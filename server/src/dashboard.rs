@@ -28,6 +28,7 @@
 //! Size: the page, its JSON and the Prometheus text, all rendered from the one status view, with
 //! the HTTPS listener that serves them. A third of the file is its tests.
 
+use crate::listener::Revocable;
 use crate::state::{Shared, lock, now_unix};
 use crate::{ServerError, listener, status_json, status_reply};
 use axum::Router;
@@ -73,6 +74,8 @@ pub struct Dashboard {
     token: String,
     token_path: PathBuf,
     metrics_public: bool,
+    /// How often the revocation list is checked (the server's `revocation_check_s`).
+    revocation_check: std::time::Duration,
 }
 
 impl Dashboard {
@@ -80,10 +83,22 @@ impl Dashboard {
     ///
     /// # Errors
     /// Unreadable TLS files, or a token file that cannot be read, written or used.
-    pub fn prepare(cfg: &DashboardConfig, tls: &ServerTlsFiles, state_dir: &Path) -> Result<Self, ServerError> {
+    pub fn prepare(
+        cfg: &DashboardConfig,
+        tls: &ServerTlsFiles,
+        state_dir: &Path,
+        revocation_check: std::time::Duration,
+    ) -> Result<Self, ServerError> {
         let token_path = cfg.token_path(state_dir);
         let token = load_or_create_token(&token_path)?;
-        Ok(Self { tls: tls_config(tls)?, files: tls.clone(), token, token_path, metrics_public: cfg.metrics_public })
+        Ok(Self {
+            tls: tls_config(tls)?,
+            files: tls.clone(),
+            token,
+            token_path,
+            metrics_public: cfg.metrics_public,
+            revocation_check,
+        })
     }
 
     /// Serves the dashboard on `listener` until the server shuts down (tasks on the server's
@@ -106,6 +121,7 @@ impl Dashboard {
             self.tls,
             self.files,
             tls_config,
+            self.revocation_check,
             tx,
             token.clone(),
             shared.tracker.clone(),
@@ -215,7 +231,7 @@ pub struct Peer {
 
 impl Connected<IncomingStream<'_, TlsListener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        let (_, conn) = stream.io().get_ref();
+        let (_, conn) = stream.io().get_ref().get_ref();
         let identity = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| pki::peer_identity(c).ok());
         Peer { addr: Some(*stream.remote_addr()), identity }
     }
@@ -223,19 +239,19 @@ impl Connected<IncomingStream<'_, TlsListener>> for Peer {
 
 /// The finished TLS connections of the accept loop, as an axum listener.
 pub struct TlsListener {
-    rx: mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>>,
+    rx: mpsc::Receiver<Result<Revocable<TlsStream<TcpStream>>, std::io::Error>>,
     local: SocketAddr,
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Revocable<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             match self.rx.recv().await {
                 Some(Ok(s)) => {
-                    let Ok(addr) = s.get_ref().0.peer_addr() else { continue };
+                    let Ok(addr) = s.get_ref().get_ref().0.peer_addr() else { continue };
                     return (s, addr);
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "dashboard connection failed"),

@@ -115,7 +115,15 @@ pub async fn run_with_dashboard(
     let ServerOptions { config, study, initial_model } = opts;
     let config = config.with_absolute_paths();
     let dashboard = match (dashboard, &config.dashboard) {
-        (Some(l), Some(cfg)) => Some((l, dashboard::Dashboard::prepare(cfg, &config.tls, &config.state_dir)?)),
+        (Some(l), Some(cfg)) => Some((
+            l,
+            dashboard::Dashboard::prepare(
+                cfg,
+                &config.tls,
+                &config.state_dir,
+                Duration::from_secs(config.revocation_check_s),
+            )?,
+        )),
         (Some(_), None) => {
             return Err(ServerError::Io(
                 "a dashboard listener was given but the server configuration has no [dashboard] table".into(),
@@ -222,7 +230,8 @@ pub async fn run_with_dashboard(
         let tracker = shared.tracker.clone();
         let token = inner.clone();
         let files = config.tls.clone();
-        shared.tracker.spawn(listener::accept_loop(listener, tls, files, conn_tx, token, tracker))
+        let check = Duration::from_secs(config.revocation_check_s);
+        shared.tracker.spawn(listener::accept_loop(listener, tls, files, check, conn_tx, token, tracker))
     };
     let driver = driver::Driver { shared: Arc::clone(&shared), strategy, keep: config.keep_checkpoints };
     let driver = shared.tracker.spawn(driver.run(jobs_rx));
@@ -321,4 +330,13 @@ fn verify_checkpoint(store: &Store, path: &Path, sha: &str) -> Result<Layout, Se
     let bytes = store.read_checkpoint(path, sha)?;
     let (layout, _) = decode_header(&bytes).map_err(|e| ServerError::Model(format!("{}: {e}", path.display())))?;
     Ok(layout)
+}
+
+/// tonic reads the peer's certificates through the connection it is handed: a [`listener::Revocable`]
+/// connection gives those of the TLS stream inside.
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for listener::Revocable<S> {
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.get_ref().connect_info()
+    }
 }

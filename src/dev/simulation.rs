@@ -82,6 +82,7 @@ pub async fn run_federation(
         allowed_sites: ids,
         keep_checkpoints: 2,
         dashboard: None,
+        revocation_check_s: 60,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

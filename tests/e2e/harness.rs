@@ -125,11 +125,22 @@ pub fn server_config(dir: &Path, allowed: &[&str]) -> ServerConfig {
         allowed_sites: allowed.iter().map(|s| s.to_string()).collect(),
         keep_checkpoints: 3,
         dashboard: None,
+        revocation_check_s: 60,
     }
 }
 
 /// Starts a server `run(...)` on 127.0.0.1:0 in this runtime.
 pub async fn start_server(dir: &Path, allowed: &[&str], study: StudyConfig, initial: ParameterSet) -> TestServer {
+    start_server_with(dir, server_config(dir, allowed), study, initial).await
+}
+
+/// [`start_server`] with a server configuration of the test's own.
+pub async fn start_server_with(
+    dir: &Path,
+    config: ServerConfig,
+    study: StudyConfig,
+    initial: ParameterSet,
+) -> TestServer {
     if let Ok(filter) = std::env::var("FEDHCC_TEST_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -139,7 +150,7 @@ pub async fn start_server(dir: &Path, allowed: &[&str], study: StudyConfig, init
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let token = CancellationToken::new();
-    let opts = fedhcc_server::ServerOptions { config: server_config(dir, allowed), study, initial_model: initial };
+    let opts = fedhcc_server::ServerOptions { config, study, initial_model: initial };
     let handle = tokio::spawn(fedhcc_server::run(listener, opts, token.clone()));
     TestServer { dir: dir.to_path_buf(), addr, token, handle: Some(handle) }
 }

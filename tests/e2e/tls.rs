@@ -120,3 +120,39 @@ async fn status_needs_the_admin_role() {
     assert_eq!((s.phase.as_str(), s.current_round, s.total_rounds), ("waiting_for_sites", 1, 1));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_revoked_site_s_open_connection_is_cut_within_the_revocation_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a", "b"]);
+    let config = fedhcc_core::config::ServerConfig { revocation_check_s: 1, ..server_config(tmp.path(), &["a", "b"]) };
+    let server = start_server_with(tmp.path(), config, study(1, 2, 30), model(10)).await;
+    // Site b is connected and waiting for tasks, on one long-lived connection.
+    let (mut a, mut b) = (server.client_as("a").await, server.client_as("b").await);
+    let (mut ta, mut tb) = (open_tasks(&mut a).await, open_tasks(&mut b).await);
+    next_train(&mut tb).await;
+    pki::revoke(&server.certs().dir, Role::Site, "b").unwrap();
+    let revoked = std::time::Instant::now();
+    // Its stream ends (an error or the end), well within twice the check interval; heartbeats do
+    // not keep it alive.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tb.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "b's connection is still open 5 s after its revocation");
+    assert!(revoked.elapsed() < Duration::from_secs(3), "cut after {:?}", revoked.elapsed());
+    // b cannot come back; a's connection is untouched.
+    assert!(join(&server, server.site_tls("b")).await.is_err());
+    let status = server.status().await;
+    assert!(status.sites.iter().any(|s| s.site_id == "a" && s.connected), "{status:?}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), ta.message()).await.map_or(true, |m| m.is_ok()),
+        "a's stream is still open"
+    );
+    server.stop().await;
+}

@@ -304,6 +304,14 @@ pub struct ServerConfig {
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dashboard: Option<DashboardConfig>,
+    /// How often (seconds) the revocation list file is checked for changes; a connection whose
+    /// certificate it revokes is cut at that check, open or not (1 to 3600, default 60).
+    #[serde(default = "default_revocation_check")]
+    pub revocation_check_s: u64,
+}
+
+fn default_revocation_check() -> u64 {
+    60
 }
 
 fn default_keep() -> usize {
@@ -382,6 +390,12 @@ pub fn load_server(path: &Path) -> Result<(ServerConfig, StudyConfig), ConfigErr
     }
     if cfg.keep_checkpoints == 0 {
         return Err(ConfigError::new(path, "keep_checkpoints must be at least 1"));
+    }
+    if !(1..=3600).contains(&cfg.revocation_check_s) {
+        return Err(ConfigError::new(
+            path,
+            format!("revocation_check_s = {}: 1 to 3600 seconds allowed", cfg.revocation_check_s),
+        ));
     }
     if let Some(d) = &mut cfg.dashboard {
         if let Some(t) = &mut d.token_file {
