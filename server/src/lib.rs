@@ -221,6 +221,8 @@ pub async fn run_with_dashboard(
         events: Default::default(),
         audit,
         joins: Default::default(),
+        reports: ratelimit::JoinLimiter::reports(),
+        uploads: Default::default(),
         shutdown: inner.clone(),
         tracker: TaskTracker::new(),
     });

@@ -13,6 +13,13 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Reports (key advertisements, task refusals, evaluations, statistics) a site may send in a
+/// burst: each is written to the fsynced audit log, so a flood is bounded here. A real site sends a
+/// few per round.
+pub const REPORT_BURST: u32 = 64;
+/// One more report is allowed every this long (50 a second, far above any real round rate).
+pub const REPORT_REFILL: Duration = Duration::from_millis(20);
+
 /// Joins a site may make in a burst.
 pub const JOIN_BURST: u32 = 10;
 /// One more join is allowed every this long.
@@ -32,6 +39,13 @@ pub struct JoinLimiter {
     burst: u32,
     refill: Duration,
     buckets: Mutex<BTreeMap<String, Bucket>>,
+}
+
+impl JoinLimiter {
+    /// The limiter of a site's reports ([`REPORT_BURST`], [`REPORT_REFILL`]).
+    pub fn reports() -> Self {
+        Self::new(REPORT_BURST, REPORT_REFILL)
+    }
 }
 
 impl Default for JoinLimiter {

@@ -212,6 +212,22 @@ impl FederationService {
         Ok(t.clone())
     }
 
+    /// Takes one of `site`'s report tokens (before anything is written for the report).
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` (refused and counted) when the site sends reports faster than the limit.
+    fn report_allowed(&self, site: &str) -> Result<(), Status> {
+        self.shared.reports.allow(site, Instant::now()).map_err(|wait| {
+            self.refuse(
+                site,
+                Status::resource_exhausted(format!(
+                    "site '{site}' sends reports too fast; try again in {:.2} s",
+                    wait.as_secs_f64()
+                )),
+            )
+        })
+    }
+
     fn refuse(&self, site: &str, status: Status) -> Status {
         tracing::warn!(site, code = ?status.code(), reason = status.message(), "request refused");
         self.shared.refused(Some(site), refusal_reason(status.code()), status.message());
@@ -456,6 +472,14 @@ impl pb::federation_server::Federation for FederationService {
         req: Request<Streaming<pb::UploadPart>>,
     ) -> Result<Response<pb::UploadReply>, Status> {
         let site = self.site(&req)?;
+        let Some(_one) = self.shared.start_upload(&site) else {
+            return Err(self.refuse(
+                &site,
+                Status::resource_exhausted(format!(
+                    "an upload from site '{site}' is already in progress; a site sends one at a time"
+                )),
+            ));
+        };
         let mut stream = req.into_inner();
         let result = self.receive_update(&site, &mut stream).await;
         result.map_err(|s| self.refuse(&site, s)).map(Response::new)
@@ -463,6 +487,7 @@ impl pb::federation_server::Federation for FederationService {
 
     async fn report_evaluation(&self, req: Request<pb::EvaluationReport>) -> Result<Response<pb::Ack>, Status> {
         let site = self.site(&req)?;
+        self.report_allowed(&site)?;
         let r = req.into_inner();
         let t = self.check_task_ref(r.task.as_ref()).map_err(|s| self.refuse(&site, s))?;
         self.shared.audit.record(message_entry(Direction::Received, &site, Some(&t), "evaluation", &r)).await;
@@ -501,6 +526,7 @@ impl pb::federation_server::Federation for FederationService {
 
     async fn report_statistics(&self, req: Request<pb::StatisticsReport>) -> Result<Response<pb::Ack>, Status> {
         let site = self.site(&req)?;
+        self.report_allowed(&site)?;
         let r = req.into_inner();
         let t = self.check_task_ref(r.task.as_ref()).map_err(|s| self.refuse(&site, s))?;
         self.shared.audit.record(message_entry(Direction::Received, &site, Some(&t), "statistics", &r)).await;
@@ -541,6 +567,7 @@ impl pb::federation_server::Federation for FederationService {
 
     async fn refuse_task(&self, req: Request<pb::TaskRefusal>) -> Result<Response<pb::Ack>, Status> {
         let site = self.site(&req)?;
+        self.report_allowed(&site)?;
         let r = req.into_inner();
         let t = self.check_task_ref(r.task.as_ref()).map_err(|s| self.refuse(&site, s))?;
         self.shared.audit.record(message_entry(Direction::Received, &site, Some(&t), "task_refusal", &r)).await;
@@ -556,6 +583,7 @@ impl pb::federation_server::Federation for FederationService {
 
     async fn advertise_key(&self, req: Request<pb::KeyAdvertisement>) -> Result<Response<pb::Ack>, Status> {
         let site = self.site(&req)?;
+        self.report_allowed(&site)?;
         let r = req.into_inner();
         self.shared.audit.record(message_entry(Direction::Received, &site, r.task.as_ref(), "key", &r)).await;
         self.advertise_key_checked(&site, r).await.map_err(|s| self.refuse(&site, s)).map(Response::new)

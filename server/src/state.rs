@@ -96,6 +96,11 @@ pub struct Shared {
     pub audit: crate::audit::ServerAudit,
     /// Per-site join rate limit; taken by `Join`.
     pub joins: crate::ratelimit::JoinLimiter,
+    /// Per-site rate limit of the reports that write the audit log (`RefuseTask`, `AdvertiseKey`,
+    /// `ReportEvaluation`, `ReportStatistics`).
+    pub reports: crate::ratelimit::JoinLimiter,
+    /// The sites with an upload in progress: one at a time per site.
+    pub uploads: Mutex<std::collections::BTreeSet<String>>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -106,7 +111,25 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A site's one upload in progress ([`Shared::start_upload`]); ends when dropped.
+pub struct UploadInProgress<'a> {
+    shared: &'a Shared,
+    site: String,
+}
+
+impl Drop for UploadInProgress<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.uploads).remove(&self.site);
+    }
+}
+
 impl Shared {
+    /// Starts `site`'s upload; `None` while another upload of that site is in progress, so that a
+    /// site cannot spool several models at once.
+    pub fn start_upload(&self, site: &str) -> Option<UploadInProgress<'_>> {
+        lock(&self.uploads).insert(site.to_string()).then(|| UploadInProgress { shared: self, site: site.to_string() })
+    }
+
     /// Every allowed site with what is known of it (a site never seen: the defaults), in site order.
     pub fn allowed_site_infos(&self) -> Vec<(String, SiteInfo)> {
         let infos = lock(&self.sites);
@@ -316,6 +339,8 @@ pub(crate) fn test_shared(dir: &std::path::Path, jobs: mpsc::UnboundedSender<Act
         events: EventLog::default(),
         audit: crate::audit::ServerAudit::default(),
         joins: crate::ratelimit::JoinLimiter::default(),
+        reports: crate::ratelimit::JoinLimiter::reports(),
+        uploads: Mutex::default(),
         shutdown: CancellationToken::default(),
         tracker: TaskTracker::default(),
     })

@@ -96,3 +96,102 @@ async fn a_low_order_key_is_refused_and_the_other_sites_finish_the_round() {
         assert!(outcome.finished && outcome.rounds_trained == 1, "{outcome:?}");
     }
 }
+
+#[tokio::test]
+async fn a_site_cannot_run_parallel_uploads() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a", "b"]);
+    let server = start_server(tmp.path(), &["a", "b"], study(1, 2, 60), model(64)).await;
+    let (mut a, mut b) = (server.client_as("a").await, server.client_as("b").await);
+    let (mut ta, mut tb) = (open_tasks(&mut a).await, open_tasks(&mut b).await);
+    let t = next_train(&mut ta).await;
+    next_train(&mut tb).await;
+    let tref = t.task.clone().unwrap();
+    let fp = model(64).fingerprint().to_hex();
+    let payload = fedhcc_core::params::ParameterSet::zeros(model(64).layout().clone()).encode();
+
+    // The first upload sends its header and then holds its stream open.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let header = header_for(&tref, &payload, &fp, fedhcc_proto::MAX_CHUNK_BYTES);
+    tx.send(pb::UploadPart { part: Some(pb::upload_part::Part::Header(header.clone())) }).await.unwrap();
+    let mut held = a.clone();
+    let first = tokio::spawn(async move { held.upload_update(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    // Wait until the server holds it (its .part file is in the spool).
+    let spool = server.state().join("spool");
+    let t0 = std::time::Instant::now();
+    while !walk_names(&spool).iter().any(|n| n.ends_with(".part")) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the first upload never reached the spool");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A second upload of the same site meanwhile is refused at once.
+    let e = raw_upload(&mut a, header.clone(), chunks(&payload)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("already in progress"), "{}", e.message());
+    // Once the first ends, the site can upload again.
+    drop(tx);
+    assert!(first.await.unwrap().is_err(), "the held upload ended short");
+    raw_upload(&mut a, header, chunks(&payload)).await.expect("one upload at a time is fine");
+    server.stop().await;
+}
+
+/// The file names under `dir`, recursively.
+fn walk_names(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    for e in entries.flatten() {
+        if e.path().is_dir() {
+            out.extend(walk_names(&e.path()));
+        } else {
+            out.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_flood_of_reports_is_rate_limited_and_the_others_finish() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a", "b", "c"]);
+    let mut server = start_server(tmp.path(), &["a", "b", "c"], study(2, 2, 60), model(64)).await;
+    let token = CancellationToken::new();
+    let clients: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|site| {
+            let exec = shifting(1.0, 10, Duration::from_millis(200));
+            tokio::spawn(fedhcc_client::run(client_options(&server, site), exec, token.clone()))
+        })
+        .collect();
+    // Site c, never selected, floods the server with task refusals (each would be an fsynced audit
+    // line) as fast as one connection allows.
+    let mut c = server.client_as("c").await;
+    let refusal = pb::TaskRefusal {
+        task: Some(pb::TaskRef { study_id: STUDY.into(), run_id: "run-1".into(), round: 1, task_id: "r1a9".into() }),
+        rule: "max_rounds".into(),
+        message: "flood".into(),
+    };
+    let started = std::time::Instant::now();
+    let mut limited = 0;
+    for _ in 0..600 {
+        if let Err(s) = c.refuse_task(refusal.clone()).await
+            && s.code() == tonic::Code::ResourceExhausted
+        {
+            limited += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(limited > 0, "600 refusals in {elapsed:?} and none was rate limited");
+
+    let out = server.join().await;
+    assert!(out.finished && out.rounds_completed == 2, "{out:?}");
+    for client in clients {
+        assert!(client.await.unwrap().unwrap().finished);
+    }
+    // What c got into the audit log is bounded by the limit, not by the flood.
+    let audit = std::fs::read_to_string(server.state().join("audit.jsonl")).unwrap();
+    let from_c = audit.lines().filter(|l| l.contains("\"peer\":\"c\"")).count();
+    let bound = fedhcc_server::ratelimit::REPORT_BURST as usize
+        + (elapsed.as_millis() / fedhcc_server::ratelimit::REPORT_REFILL.as_millis()) as usize
+        + 2;
+    assert!(from_c <= bound, "{from_c} audit lines from c (bound {bound}) after {elapsed:?}");
+    assert_eq!(from_c + limited, 600, "every refusal either recorded or rate limited");
+}
