@@ -153,6 +153,46 @@ fn client_serial(tls: &TlsStream<TcpStream>) -> Vec<u8> {
 /// Longest a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most TLS handshakes in progress at once. A new connection beyond it drops the oldest handshake
+/// still pending: a real client's handshake takes milliseconds, so idle connections opened to use
+/// up the server (a thousand of them, say) are shed while real sites get through.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// The handshakes in progress, oldest first (ids only grow), each with the token that drops it.
+#[derive(Clone, Default)]
+struct Pending(Arc<Mutex<std::collections::BTreeMap<u64, CancellationToken>>>);
+
+/// A handshake's place in [`Pending`], given up when the handshake ends either way.
+struct PendingEntry {
+    pending: Pending,
+    id: u64,
+}
+
+impl Drop for PendingEntry {
+    fn drop(&mut self) {
+        self.pending.lock().remove(&self.id);
+    }
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, CancellationToken>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers handshake `id`, dropping the oldest when [`MAX_PENDING_HANDSHAKES`] are pending;
+    /// returns whether one was dropped.
+    fn add(&self, id: u64) -> (CancellationToken, PendingEntry, bool) {
+        let token = CancellationToken::new();
+        let mut p = self.lock();
+        let shed = p.len() >= MAX_PENDING_HANDSHAKES;
+        if shed && let Some((_, oldest)) = p.pop_first() {
+            oldest.cancel();
+        }
+        p.insert(id, token.clone());
+        (token, PendingEntry { pending: self.clone(), id }, shed)
+    }
+}
+
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
@@ -225,6 +265,8 @@ pub async fn accept_loop_with(
     let mut tick = tokio::time::interval(revocation_check.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_id = 0u64;
+    let pending = Pending::default();
+    let mut shed_total = 0u64;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -251,9 +293,22 @@ pub async fn accept_loop_with(
         let id = next_id;
         let out = out.clone();
         let token = shutdown.clone();
+        let (dropped, slot, shed) = pending.add(id);
+        if shed {
+            shed_total += 1;
+            if shed_total.is_power_of_two() {
+                tracing::warn!(
+                    shed_total,
+                    limit = MAX_PENDING_HANDSHAKES,
+                    "too many TLS handshakes in progress; the oldest pending ones are dropped"
+                );
+            }
+        }
         tracker.spawn(async move {
+            let _slot = slot;
             let handshake = tokio::select! {
                 _ = token.cancelled() => return,
+                _ = dropped.cancelled() => return,
                 h = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => h,
             };
             match handshake {

@@ -1,6 +1,8 @@
 //! A malicious site against the server and the other sites (issue #15): each attack is made with
-//! the site's own valid certificate over real mutual TLS, and each must be refused with a clear
-//! answer while the other sites' rounds go on and nothing durable changes.
+//! the site's own valid certificate over real mutual TLS (or, for idle connections, with none), and
+//! each must be refused or bounded with a clear answer while the other sites' rounds go on and
+//! nothing durable changes: multi-byte strings, low-order keys, parallel uploads, a flood of
+//! reports, a crowd of connections that never finish their handshake.
 
 use crate::harness::*;
 use fedhcc_proto as pb;
@@ -194,4 +196,59 @@ async fn a_flood_of_reports_is_rate_limited_and_the_others_finish() {
         + 2;
     assert!(from_c <= bound, "{from_c} audit lines from c (bound {bound}) after {elapsed:?}");
     assert_eq!(from_c + limited, 600, "every refusal either recorded or rate limited");
+}
+
+#[tokio::test]
+async fn idle_connections_that_never_handshake_are_shed_and_real_sites_get_through() {
+    use tokio::io::AsyncReadExt as _;
+    const IDLE: usize = 200;
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a", "b"]);
+    let mut server = start_server(tmp.path(), &["a", "b"], study(1, 2, 60), model(64)).await;
+    // Connections that open TCP and then say nothing (no TLS ClientHello).
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        idle.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    // The server drops all but the newest MAX_PENDING_HANDSHAKES long before the handshake
+    // timeout (10 s).
+    let reads: Vec<_> = idle
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut b = [0u8; 1];
+                let closed =
+                    matches!(tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await, Ok(Ok(0) | Err(_)));
+                (closed, s)
+            })
+        })
+        .collect();
+    let mut closed = 0;
+    let mut still_open = Vec::new();
+    for r in reads {
+        let (c, s) = r.await.unwrap();
+        closed += usize::from(c);
+        still_open.push(s);
+    }
+    let limit = fedhcc_server::listener::MAX_PENDING_HANDSHAKES;
+    assert!(closed >= IDLE - limit, "{closed} of {IDLE} idle connections closed within 3 s (at most {limit} kept)");
+
+    // The real sites connect while the remaining idle connections are still open, and train.
+    let token = CancellationToken::new();
+    let clients: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|site| {
+            tokio::spawn(fedhcc_client::run(
+                client_options(&server, site),
+                shifting(1.0, 10, Duration::ZERO),
+                token.clone(),
+            ))
+        })
+        .collect();
+    let out = server.join().await;
+    assert!(out.finished, "{out:?}");
+    for c in clients {
+        assert!(c.await.unwrap().unwrap().finished);
+    }
+    drop(still_open);
 }
