@@ -202,10 +202,9 @@ fn the_guide_checker_catches_a_wrong_flag_and_a_wrong_subcommand() {
     }
 }
 
-/// The tests ARCHITECTURE.md's invariants name (`module::test_name`, in backticks), as
-/// `(path, test name)`.
-fn named_tests(markdown: &str) -> Vec<(String, String)> {
-    let section = markdown.split("## Invariants").nth(1).unwrap_or_default();
+/// The tests a section of a page names (`module::test_name`, in backticks), as `(path, test name)`.
+fn named_tests(markdown: &str, heading: &str) -> Vec<(String, String)> {
+    let section = markdown.split(heading).nth(1).unwrap_or_default();
     let section = section.split("\n## ").next().unwrap_or_default();
     let mut out = Vec::new();
     for quoted in section.split('`').skip(1).step_by(2) {
@@ -220,12 +219,8 @@ fn named_tests(markdown: &str) -> Vec<(String, String)> {
     out
 }
 
-#[test]
-fn every_test_architecture_md_names_for_an_invariant_exists() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
-    let named = named_tests(&text);
-    assert!(named.len() >= 15, "found {} test names in the invariants", named.len());
+/// Every Rust source under tests/, server/, client/ and shared/, concatenated.
+fn test_sources(root: &Path) -> String {
     let mut sources = String::new();
     let mut stack = vec![root.join("tests"), root.join("server"), root.join("client"), root.join("shared")];
     while let Some(dir) = stack.pop() {
@@ -238,15 +233,35 @@ fn every_test_architecture_md_names_for_an_invariant_exists() {
             }
         }
     }
-    let missing: Vec<_> =
-        named.iter().filter(|(_, name)| !sources.contains(&format!("fn {name}("))).map(|(q, _)| q.as_str()).collect();
+    sources
+}
+
+/// The tests `page`'s section `heading` names that do not exist in the sources.
+fn missing_tests(page: &str, heading: &str, at_least: usize) -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join(page)).unwrap();
+    let named = named_tests(&text, heading);
+    assert!(named.len() >= at_least, "found {} test names in {page} under {heading}", named.len());
+    let sources = test_sources(root);
+    named.iter().filter(|(_, name)| !sources.contains(&format!("fn {name}("))).map(|(q, _)| q.clone()).collect()
+}
+
+#[test]
+fn every_test_architecture_md_names_for_an_invariant_exists() {
+    let missing = missing_tests("ARCHITECTURE.md", "## Invariants", 15);
     assert!(missing.is_empty(), "ARCHITECTURE.md names tests that do not exist: {missing:?}");
+}
+
+#[test]
+fn every_test_the_threat_model_names_exists() {
+    let missing = missing_tests("docs/security.md", "## The protections", 12);
+    assert!(missing.is_empty(), "docs/security.md names tests that do not exist: {missing:?}");
 }
 
 #[test]
 fn the_invariant_test_finder_reads_names_and_skips_code() {
     let md =
         "## Invariants\n- rule: `a::b_c`, `fedhcc_core::aggregation::check_strategy` and `x y::z`.\n## Next\n`q::r_s`";
-    let names: Vec<_> = named_tests(md).into_iter().map(|(_, n)| n).collect();
+    let names: Vec<_> = named_tests(md, "## Invariants").into_iter().map(|(_, n)| n).collect();
     assert_eq!(names, ["b_c", "check_strategy"]);
 }
