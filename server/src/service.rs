@@ -314,6 +314,17 @@ impl pb::federation_server::Federation for FederationService {
             .and_then(|()| check_str("client_version", &r.client_version))
             .and_then(|()| check_samples("num_samples", r.num_samples));
         checked.map_err(|s| self.refuse(&site, s))?;
+        let limit = self.shared.study.federation.site_sample_limit();
+        if r.num_samples > limit {
+            return Err(self.refuse(
+                &site,
+                Status::invalid_argument(format!(
+                    "this site declares {} training patients; the study allows at most {limit} per site \
+                     (max_site_samples): check the site's data, or ask the study lead",
+                    r.num_samples
+                )),
+            ));
+        }
         if r.study_id != self.shared.study.study_id {
             return Err(self.refuse(
                 &site,
@@ -740,7 +751,14 @@ impl FederationService {
             .ok_or_else(|| Status::unavailable("the server is aggregating; the round has closed"))?;
         let expected = g.layout.payload_len() as u64;
         let counted = format!("a model of this layout is {expected} bytes");
-        let want_chunks = transfer::check_update_header("update", &h, &g, expected, &counted)?;
+        let want_chunks = transfer::check_update_header(
+            "update",
+            &h,
+            &g,
+            expected,
+            &counted,
+            self.shared.study.federation.site_sample_limit(),
+        )?;
 
         let check = PayloadCheck { reader: PayloadReader::new(), layout: &g.layout };
         let file = transfer::spool_upload(

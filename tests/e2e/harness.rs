@@ -33,6 +33,7 @@ pub fn study(rounds: u32, min_sites: usize, timeout_s: u64) -> StudyConfig {
             trimmed_mean: None,
             fedbn: None,
             start: Default::default(),
+            max_site_samples: None,
         },
         training: TrainingConfig::default(),
         model: Default::default(),

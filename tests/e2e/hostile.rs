@@ -252,3 +252,41 @@ async fn idle_connections_that_never_handshake_are_shed_and_real_sites_get_throu
     }
     drop(still_open);
 }
+
+#[tokio::test]
+async fn a_site_cannot_declare_more_patients_than_the_study_allows() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a", "b"]);
+    let mut s = study(1, 2, 60);
+    s.federation.max_site_samples = Some(500);
+    let server = start_server(tmp.path(), &["a", "b"], s, model(64)).await;
+    let (mut a, mut b) = (server.client_as("a").await, server.client_as("b").await);
+    // At join: told before it trains.
+    let join = |n: u64| pb::JoinRequest {
+        study_id: STUDY.into(),
+        client_version: pb::PROTOCOL_VERSION.into(),
+        model_fingerprint: String::new(),
+        num_samples: n,
+    };
+    let e = a.join(join(1_000_000_000)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("max_site_samples"), "{}", e.message());
+    a.join(join(400)).await.expect("within the limit");
+    // In an update: the FedAvg weight it claims.
+    let (mut ta, mut tb) = (open_tasks(&mut a).await, open_tasks(&mut b).await);
+    let t = next_train(&mut ta).await;
+    next_train(&mut tb).await;
+    let tref = t.task.clone().unwrap();
+    let state = server.state();
+    let before = durable_state(&state);
+    let payload = fedhcc_core::params::ParameterSet::zeros(model(64).layout().clone()).encode();
+    let mut header = header_for(&tref, &payload, &model(64).fingerprint().to_hex(), fedhcc_proto::MAX_CHUNK_BYTES);
+    header.num_samples = 1_000_000_000;
+    let e = raw_upload(&mut a, header.clone(), chunks(&payload)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("max_site_samples"), "{}", e.message());
+    assert_eq!(durable_state(&state), before);
+    header.num_samples = 500;
+    raw_upload(&mut a, header, chunks(&payload)).await.expect("at the limit");
+    server.stop().await;
+}

@@ -49,16 +49,29 @@ pub(super) fn check_update_header(
     g: &GlobalModel,
     expected: u64,
     counted: &str,
+    max_samples: u64,
 ) -> Result<u64, Status> {
     check_update_layout(h, g)?;
     if h.total_bytes != expected {
         return Err(Status::invalid_argument(format!("{what} declares {} bytes; {counted}", h.total_bytes)));
     }
     let want_chunks = check_update_chunks(what, h, expected)?;
-    if h.num_samples == 0 || h.num_samples > MAX_SAMPLES {
-        return Err(Status::invalid_argument(format!("num_samples = {} (1 to {MAX_SAMPLES} allowed)", h.num_samples)));
-    }
+    check_site_samples(h.num_samples, max_samples)?;
     Ok(want_chunks)
+}
+
+/// A site's declared training-sample count (its FedAvg weight): at least 1 and at most
+/// `max_samples` (the study's `max_site_samples`, never above [`MAX_SAMPLES`]).
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming the limit.
+pub(super) fn check_site_samples(n: u64, max_samples: u64) -> Result<(), Status> {
+    let max = max_samples.min(MAX_SAMPLES);
+    if n == 0 || n > max {
+        let why = if max < MAX_SAMPLES { " (the study's max_site_samples)" } else { "" };
+        return Err(Status::invalid_argument(format!("num_samples = {n} (1 to {max} allowed{why})")));
+    }
+    Ok(())
 }
 
 /// The update's layout fingerprint against the global model's.

@@ -108,6 +108,18 @@ pub struct FederationConfig {
     /// sites are connected, `manual` only after the study lead's `fedhcc admin start`.
     #[serde(default)]
     pub start: StartMode,
+    /// The most training patients a site may declare (its FedAvg weight): a join or an update
+    /// declaring more is refused, so that no site can outweigh the others by what it claims. Set it
+    /// from the sites' data checks (e.g. twice the largest center). Unset: 10⁹.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_site_samples: Option<u64>,
+}
+
+impl FederationConfig {
+    /// The most training patients a site may declare ([`Self::max_site_samples`], at most 10⁹).
+    pub fn site_sample_limit(&self) -> u64 {
+        self.max_site_samples.unwrap_or(1_000_000_000).min(1_000_000_000)
+    }
 }
 
 /// `[federation] start`: whether a fresh run waits for the study lead's start command.
@@ -254,6 +266,11 @@ pub fn load_study(path: &Path) -> Result<StudyConfig, ConfigError> {
     }
     if f.round_timeout_s == 0 {
         return Err(ConfigError::new(path, "federation.round_timeout_s must be at least 1"));
+    }
+    if let Some(m) = f.max_site_samples
+        && !(1..=1_000_000_000).contains(&m)
+    {
+        return Err(ConfigError::new(path, format!("federation.max_site_samples = {m} (1 to 1000000000 allowed)")));
     }
     let t = &cfg.training;
     if t.local_epochs == 0 || t.batch_size == 0 || !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
@@ -498,6 +515,11 @@ mod tests {
         std::fs::write(&p, "study_id = \"s\"\n[federation]\nrounds = 0\n").unwrap();
         let e = load_study(&p).unwrap_err().to_string();
         assert!(e.contains("federation.rounds = 0"), "{e}");
+        std::fs::write(&p, "study_id = \"s\"\n[federation]\nrounds = 3\nmax_site_samples = 0\n").unwrap();
+        let e = load_study(&p).unwrap_err().to_string();
+        assert!(e.contains("federation.max_site_samples = 0"), "{e}");
+        std::fs::write(&p, "study_id = \"s\"\n[federation]\nrounds = 3\nmax_site_samples = 300\n").unwrap();
+        assert_eq!(load_study(&p).unwrap().federation.site_sample_limit(), 300);
     }
 
     #[test]
