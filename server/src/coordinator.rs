@@ -313,6 +313,18 @@ impl Coordinator {
         }
     }
 
+    /// The connected sites a new `kind` task of `round` goes to: under secure aggregation, without
+    /// those that broke [`keys::DROPS_BEFORE_EXCLUSION`] of the round's attempts, as long as the
+    /// others still make the quorum.
+    fn selectable(&self, kind: TaskKind, round: u32) -> BTreeSet<String> {
+        let excluded = match (&self.secagg, kind) {
+            (Some(k), TaskKind::Train) => k.excluded(round),
+            _ => BTreeSet::new(),
+        };
+        let rest: BTreeSet<String> = self.connected.difference(&excluded).cloned().collect();
+        if rest.len() >= self.cfg.min_sites { rest } else { self.connected.clone() }
+    }
+
     fn try_start(&mut self, kind: TaskKind, now: Instant) -> Vec<Action> {
         if self.control != RunControl::Running {
             // Paused, not started or aborted: nothing new is announced.
@@ -352,7 +364,7 @@ impl Coordinator {
             round,
             attempt: self.attempt,
             id: task_id(kind, round, self.attempt),
-            selected: self.connected.clone(),
+            selected: self.selectable(kind, round),
             roster: None,
         };
         self.phase = match kind {

@@ -33,7 +33,15 @@ pub(super) struct KeyExchange {
     fixed: bool,
     last_abort: Option<String>,
     aborted: u32,
+    /// The round whose dropouts `drops` counts, and how often each roster member of it dropped out
+    /// after the key exchange (each time aborting an attempt).
+    drops_round: u32,
+    drops: BTreeMap<String, u32>,
 }
+
+/// A roster member that drops out this often in one round is left out of that round's next
+/// attempts (so that one site cannot stall a round by joining every roster and leaving it).
+pub const DROPS_BEFORE_EXCLUSION: u32 = 2;
 
 impl KeyExchange {
     pub(super) fn new(timeout: Duration) -> Self {
@@ -45,7 +53,28 @@ impl KeyExchange {
             fixed: false,
             last_abort: None,
             aborted: 0,
+            drops_round: 0,
+            drops: BTreeMap::new(),
         }
+    }
+
+    /// Counts a dropout of `site` in `round`; true when it now reaches [`DROPS_BEFORE_EXCLUSION`].
+    fn note_drop(&mut self, round: u32, site: &str) -> bool {
+        if self.drops_round != round {
+            self.drops_round = round;
+            self.drops.clear();
+        }
+        let n = self.drops.entry(site.to_string()).or_insert(0);
+        *n += 1;
+        *n == DROPS_BEFORE_EXCLUSION
+    }
+
+    /// The sites left out of `round`'s next attempts for dropping out too often.
+    pub(super) fn excluded(&self, round: u32) -> BTreeSet<String> {
+        if self.drops_round != round {
+            return BTreeSet::new();
+        }
+        self.drops.iter().filter(|(_, n)| **n >= DROPS_BEFORE_EXCLUSION).map(|(s, _)| s.clone()).collect()
     }
 
     /// Deadline of the key exchange while it is open.
@@ -243,7 +272,22 @@ impl Coordinator {
         if dropped.is_empty() && !deadline_passed {
             return vec![];
         }
-        let reason = if dropped.is_empty() {
+        // The members that broke this attempt (dropped out, or silent until the deadline) count
+        // toward their exclusion from the round's next attempts.
+        let culprits: Vec<String> = if dropped.is_empty() {
+            pending.iter().map(|s| s.to_string()).collect()
+        } else {
+            dropped.iter().map(|s| s.to_string()).collect()
+        };
+        let mut excluded_now = Vec::new();
+        if let Some(k) = self.secagg.as_mut() {
+            for s in &culprits {
+                if k.note_drop(task.round, s) {
+                    excluded_now.push(s.clone());
+                }
+            }
+        }
+        let mut reason = if dropped.is_empty() {
             let p: Vec<&str> = pending.iter().map(|s| s.as_str()).collect();
             format!(
                 "secure aggregation: no masked update from {} before the round deadline; their masks are in the other \
@@ -259,6 +303,13 @@ impl Coordinator {
                 if d.len() == 1 { "its" } else { "their" }
             )
         };
+        if !excluded_now.is_empty() {
+            reason.push_str(&format!(
+                "; {} broke {DROPS_BEFORE_EXCLUSION} attempts of this round and {} left out of its next attempts",
+                excluded_now.join(", "),
+                if excluded_now.len() == 1 { "is" } else { "are" }
+            ));
+        }
         self.restart_secure(task, reason, now)
     }
 
@@ -360,6 +411,61 @@ mod tests {
         assert_eq!(c.phase(), Phase::Aggregating);
         let next = announced(&c.round_committed(1, t0));
         assert_eq!(c.roster_for("a", &next.id), Ok(RosterState::Open), "every round exchanges fresh keys");
+    }
+
+    #[test]
+    fn a_site_that_breaks_two_attempts_of_a_round_is_left_out_of_its_next_attempts() {
+        let t0 = Instant::now();
+        let mut c = coord(2);
+        let mut t = announced(&c.sites_changed(set(&["a", "b", "c"]), t0));
+        let mut now = t0;
+        for attempt in 1..=2u8 {
+            assert_eq!(t.selected, set(&["a", "b", "c"]), "attempt {attempt}");
+            c.key_advertised("a", &t.id, key(10 * attempt + 1), now).unwrap();
+            c.key_advertised("b", &t.id, key(10 * attempt + 2), now).unwrap();
+            fixed(&c.key_advertised("c", &t.id, key(10 * attempt + 3), now).unwrap());
+            c.submission_accepted("a", TaskKind::Train, &t.id, res(), now).unwrap();
+            c.submission_accepted("b", TaskKind::Train, &t.id, res(), now).unwrap();
+            // c joined the roster, stays connected and never uploads: the attempt dies at its deadline.
+            now += Duration::from_secs(101);
+            let a = c.tick(now);
+            let (reason, next) = match &a[..] {
+                [Action::SecureAggregationAborted { reason, .. }, Action::Announce(next)] => {
+                    (reason.clone(), next.clone())
+                }
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(reason.contains("c broke 2 attempts of this round"), attempt == 2, "{reason}");
+            t = next;
+        }
+        // The third attempt goes to a and b only, although c is still connected.
+        assert_eq!(t.selected, set(&["a", "b"]), "{t:?}");
+        c.key_advertised("a", &t.id, key(91), now).unwrap();
+        fixed(&c.key_advertised("b", &t.id, key(92), now).unwrap());
+        c.submission_accepted("a", TaskKind::Train, &t.id, res(), now).unwrap();
+        assert!(matches!(
+            c.submission_accepted("b", TaskKind::Train, &t.id, res(), now).unwrap()[..],
+            [Action::Aggregate { .. }]
+        ));
+        // The next round starts afresh: c is selected again.
+        let next = announced(&c.round_committed(1, now));
+        assert_eq!(next.selected, set(&["a", "b", "c"]));
+    }
+
+    #[test]
+    fn exclusion_never_takes_a_round_below_its_quorum() {
+        let t0 = Instant::now();
+        let mut c = coord(2);
+        let mut t = announced(&c.sites_changed(set(&["a", "b"]), t0));
+        let mut now = t0;
+        for attempt in 1..=2u8 {
+            c.key_advertised("a", &t.id, key(10 * attempt + 1), now).unwrap();
+            fixed(&c.key_advertised("b", &t.id, key(10 * attempt + 2), now).unwrap());
+            c.submission_accepted("a", TaskKind::Train, &t.id, res(), now).unwrap();
+            now += Duration::from_secs(101);
+            t = announced(&c.tick(now));
+        }
+        assert_eq!(t.selected, set(&["a", "b"]), "with two sites both stay: one alone is no quorum");
     }
 
     #[test]
