@@ -198,4 +198,9 @@ pub enum ClientError {
     Executor(#[from] ExecutorError),
     #[error("{0}; nothing more is sent until the audit log can be written")]
     Audit(#[from] fedhcc_secure::audit::AuditError),
+    #[error(
+        "the server runs run '{server}' but this site's study file names run '{configured}'; this site takes part only \
+         in the run its study file names (if the study lead started a new run, they send a new study file)"
+    )]
+    OtherRun { server: String, configured: String },
 }

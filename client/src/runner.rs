@@ -163,8 +163,9 @@ impl<E: Executor> Runner<E> {
         let join = conn.join(request).await?;
         *connected = true;
         if join.run_id != self.opts.run_id {
-            tracing::warn!(server_run = %join.run_id, configured = %self.opts.run_id, "the server runs another run id; following the server");
-            self.opts.run_id = join.run_id.clone();
+            // Never followed: a run is what this site's privacy budget and policy count against, and
+            // a server that renames it could otherwise start the count again.
+            return Err(ClientError::OtherRun { server: join.run_id, configured: self.opts.run_id.clone() });
         }
         self.report.lock().unwrap_or_else(std::sync::PoisonError::into_inner).total_rounds = join.total_rounds;
         self.status(

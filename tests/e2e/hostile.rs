@@ -2,7 +2,8 @@
 //! the site's own valid certificate over real mutual TLS (or, for idle connections, with none), and
 //! each must be refused or bounded with a clear answer while the other sites' rounds go on and
 //! nothing durable changes: multi-byte strings, low-order keys, parallel uploads, a flood of
-//! reports, a crowd of connections that never finish their handshake.
+//! reports, a crowd of connections that never finish their handshake; and a server that renames the
+//! run to start a site's privacy count again.
 
 use crate::harness::*;
 use fedhcc_proto as pb;
@@ -288,5 +289,28 @@ async fn a_site_cannot_declare_more_patients_than_the_study_allows() {
     assert_eq!(durable_state(&state), before);
     header.num_samples = 500;
     raw_upload(&mut a, header, chunks(&payload)).await.expect("at the limit");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_site_never_follows_a_server_into_another_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a", "b"]);
+    let mut s = study(1, 2, 60);
+    s.run_id = "run-2".into();
+    let server = start_server(tmp.path(), &["a", "b"], s, model(64)).await;
+    // The site's study file names run-1 (its privacy budget and policy count against that run).
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        fedhcc_client::run(client_options(&server, "a"), shifting(1.0, 10, Duration::ZERO), CancellationToken::new()),
+    )
+    .await
+    .expect("the client stops instead of following");
+    match out {
+        Err(e @ fedhcc_client::ClientError::OtherRun { .. }) => {
+            assert!(e.to_string().contains("'run-2'") && e.to_string().contains("'run-1'"), "{e}")
+        }
+        other => panic!("followed the server or failed otherwise: {other:?}"),
+    }
     server.stop().await;
 }
