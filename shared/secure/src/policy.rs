@@ -10,12 +10,16 @@
 //! require_secure_aggregation = true
 //! require_dp = true
 //! max_epsilon = 8.0                  # refuse a task that would take this site's ε above this
+//! max_delta = 1e-5                   # with max_epsilon: refuse a task whose δ is above this
 //! min_group_size = 10                # smallest group any reported statistic may describe
 //! accepted_tasks = ["statistics", "train", "evaluate"]
 //! ```
 
 use crate::dp::RdpAccountant;
 use serde::{Deserialize, Serialize};
+
+/// The default largest δ of a DP task a site with a privacy budget accepts.
+pub const DEFAULT_MAX_DELTA: f64 = 1e-5;
 
 /// The default smallest group a reported statistic may describe.
 pub const DEFAULT_MIN_GROUP_SIZE: u64 = 10;
@@ -59,6 +63,10 @@ pub struct SitePolicy {
     /// Refuse a DP train task that would take this site's ε above this (computed here, from the
     /// task's noise multiplier, round count and δ, not taken from the server).
     pub max_epsilon: Option<f64>,
+    /// With `max_epsilon`: the largest δ a task may name (default 1e-5). ε is computed for the
+    /// task's δ, and a larger δ gives a smaller ε: without this bound a server could make any
+    /// budget look unspent by naming a large δ.
+    pub max_delta: f64,
     /// Smallest group any reported statistic may describe (default 10).
     pub min_group_size: u64,
     /// Task kinds accepted (default: statistics, train and evaluate).
@@ -73,6 +81,7 @@ impl Default for SitePolicy {
             require_secure_aggregation: false,
             require_dp: false,
             max_epsilon: None,
+            max_delta: DEFAULT_MAX_DELTA,
             min_group_size: DEFAULT_MIN_GROUP_SIZE,
             accepted_tasks: vec![TaskKind::Statistics, TaskKind::Train, TaskKind::Evaluate],
         }
@@ -184,6 +193,9 @@ impl SitePolicy {
         {
             return Err(PolicyError(format!("max_epsilon must be a positive number, not {e}")));
         }
+        if !(self.max_delta > 0.0 && self.max_delta < 1.0) {
+            return Err(PolicyError(format!("max_delta must be between 0 and 1, not {}", self.max_delta)));
+        }
         if self.max_rounds == Some(0) {
             return Err(PolicyError("max_rounds must be at least 1 (remove it for no limit)".into()));
         }
@@ -256,6 +268,16 @@ impl SitePolicy {
             (None, false) => {}
             (Some(dp), _) => {
                 if let Some(max) = self.max_epsilon {
+                    if dp.delta.is_nan() || dp.delta > self.max_delta {
+                        return Err(PolicyRefusal::new(
+                            PolicyRule::PrivacyBudget,
+                            format!(
+                                "the task's δ = {:e} is above this site's limit δ = {:e}; its privacy loss cannot \
+                                 be held to ε = {max} under a larger δ",
+                                dp.delta, self.max_delta
+                            ),
+                        ));
+                    }
                     let eps = epsilon_of(dp)?;
                     if eps > max {
                         return Err(PolicyRefusal::new(

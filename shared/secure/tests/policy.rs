@@ -118,6 +118,15 @@ fn max_epsilon_rule_uses_the_sites_own_accountant() {
     // The limit also holds when DP is not required but used.
     let p = SitePolicy { max_epsilon: Some(8.0), ..SitePolicy::default() };
     assert_eq!(refused_by(&p, &train(10)), Some(PolicyRule::PrivacyBudget));
+    // A server cannot make the budget look unspent by naming a large δ: at δ = 0.5 the same ten
+    // rounds would compute to an ε under the limit.
+    let large_delta = TaskFacts { dp: Some(DpFacts { noise_multiplier: 1.1, rounds: 10, delta: 0.5 }), ..train(10) };
+    let r = p.check(&large_delta).unwrap_err();
+    assert_eq!(r.rule, PolicyRule::PrivacyBudget);
+    assert!(r.message.contains("above this site's limit δ"), "{}", r.message);
+    let lenient = SitePolicy { max_delta: 0.6, ..p.clone() };
+    assert_eq!(refused_by(&lenient, &large_delta), None, "the δ bound is what refused it");
+    assert!(SitePolicy { max_delta: 0.0, ..SitePolicy::default() }.validate().is_err());
 }
 
 #[test]
