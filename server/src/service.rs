@@ -751,14 +751,7 @@ impl FederationService {
             .ok_or_else(|| Status::unavailable("the server is aggregating; the round has closed"))?;
         let expected = g.layout.payload_len() as u64;
         let counted = format!("a model of this layout is {expected} bytes");
-        let want_chunks = transfer::check_update_header(
-            "update",
-            &h,
-            &g,
-            expected,
-            &counted,
-            self.shared.study.federation.site_sample_limit(),
-        )?;
+        let want_chunks = self.check_header("update", &h, &g, expected, &counted)?;
 
         let check = PayloadCheck { reader: PayloadReader::new(), layout: &g.layout };
         let file = transfer::spool_upload(

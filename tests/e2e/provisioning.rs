@@ -29,6 +29,9 @@ async fn sites_that_request_their_certificates_train_and_the_lead_never_holds_th
         fedhcc(&["certs", "init", "--dir", certs_s, "--study", STUDY, "--server-name", "localhost", "--admin", "lead"]);
     assert!(ok, "{err}");
 
+    let sign = |csr: &Path, out: &Path| {
+        fedhcc(&["certs", "sign", "--dir", certs_s, "--csr", csr.to_str().unwrap(), "--out", out.to_str().unwrap()])
+    };
     let mut tls = Vec::new();
     for site in ["a", "b"] {
         // At the site.
@@ -46,29 +49,11 @@ async fn sites_that_request_their_certificates_train_and_the_lead_never_holds_th
         let csr = tmp.path().join(format!("{site}.csr.pem"));
         std::fs::copy(site_dir.join(format!("{site}.csr.pem")), &csr).unwrap();
         let cert = tmp.path().join(format!("site-{site}.pem"));
-        let (ok, out, err) = fedhcc(&[
-            "certs",
-            "sign",
-            "--dir",
-            certs_s,
-            "--csr",
-            csr.to_str().unwrap(),
-            "--out",
-            cert.to_str().unwrap(),
-        ]);
+        let (ok, out, err) = sign(&csr, &cert);
         assert!(ok, "{err}");
         assert!(out.contains(&format!("site certificate for '{site}'")), "{out}");
         // A second request for the same site is refused while the first certificate is valid.
-        let (ok, _, err) = fedhcc(&[
-            "certs",
-            "sign",
-            "--dir",
-            certs_s,
-            "--csr",
-            csr.to_str().unwrap(),
-            "--out",
-            tmp.path().join("again.pem").to_str().unwrap(),
-        ]);
+        let (ok, _, err) = sign(&csr, &tmp.path().join("again.pem"));
         assert!(!ok && err.contains("already has a valid certificate"), "{err}");
         tls.push((site, ClientTlsFiles { ca: certs.join("ca.pem"), cert, key }));
     }

@@ -162,14 +162,7 @@ impl FederationService {
             .ok_or_else(|| Status::unavailable("the server is aggregating; the round has closed"))?;
         let expected = (g.layout.numel() as u64).saturating_mul(8);
         let counted = format!("{} values of 8 bytes are {expected}", g.layout.numel());
-        let want_chunks = transfer::check_update_header(
-            "masked update",
-            &h,
-            &g,
-            expected,
-            &counted,
-            self.shared.study.federation.site_sample_limit(),
-        )?;
+        let want_chunks = self.check_header("masked update", &h, &g, expected, &counted)?;
         let dp = self.shared.study.federation.dp.is_some();
         let weight = privacy::encoding_weight(dp, h.num_samples);
         if h.encoded_weight != weight {

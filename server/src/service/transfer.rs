@@ -60,6 +60,23 @@ pub(super) fn check_update_header(
     Ok(want_chunks)
 }
 
+impl FederationService {
+    /// [`check_update_header`] under this study's `max_site_samples`.
+    ///
+    /// # Errors
+    /// As [`check_update_header`].
+    pub(super) fn check_header(
+        &self,
+        what: &str,
+        h: &pb::UpdateHeader,
+        g: &GlobalModel,
+        expected: u64,
+        counted: &str,
+    ) -> Result<u64, Status> {
+        check_update_header(what, h, g, expected, counted, self.shared.study.federation.site_sample_limit())
+    }
+}
+
 /// A site's declared training-sample count (its FedAvg weight): at least 1 and at most
 /// `max_samples` (the study's `max_site_samples`, never above [`MAX_SAMPLES`]).
 ///
