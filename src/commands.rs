@@ -40,8 +40,8 @@ pub fn certs_init(
 }
 
 /// `fedhcc certs request`: the site's key and its signing request.
-pub fn certs_request(out: &Path, site: Option<String>, admin: Option<String>) -> Result<()> {
-    let (role, name) = who(site, admin)?;
+pub fn certs_request(out: &Path, w: Who) -> Result<()> {
+    let (role, name) = who(w)?;
     let (key, csr) = pki::request(out, role, &name)?;
     println!("Private key written to {} (owner-only; it stays here).", key.display());
     println!(
@@ -72,16 +72,24 @@ pub fn certs_sign(dir: &Path, csr: &Path, out: &Path, days: u32) -> Result<()> {
     Ok(())
 }
 
-fn who(site: Option<String>, admin: Option<String>) -> Result<(Role, String)> {
-    match (site, admin) {
-        (Some(s), None) => Ok((Role::Site, s)),
-        (None, Some(a)) => Ok((Role::Admin, a)),
-        _ => bail!("name exactly one of --site or --admin"),
+/// Whose certificate a `certs` command is about: `--site`, `--admin` or `--server` (exactly one).
+pub struct Who {
+    pub site: Option<String>,
+    pub admin: Option<String>,
+    pub server: Option<String>,
+}
+
+fn who(w: Who) -> Result<(Role, String)> {
+    match (w.site, w.admin, w.server) {
+        (Some(s), None, None) => Ok((Role::Site, s)),
+        (None, Some(a), None) => Ok((Role::Admin, a)),
+        (None, None, Some(s)) => Ok((Role::Server, s)),
+        _ => bail!("name exactly one of --site, --admin or --server"),
     }
 }
 
-pub fn certs_issue(dir: &Path, site: Option<String>, admin: Option<String>, days: u32) -> Result<()> {
-    let (role, name) = who(site, admin)?;
+pub fn certs_issue(dir: &Path, w: Who, days: u32) -> Result<()> {
+    let (role, name) = who(w)?;
     let c = pki::issue(dir, role, &name, Validity::days(days))?;
     println!(
         "Issued a {} certificate for '{}' (serial {}), valid until {}.",
@@ -93,8 +101,8 @@ pub fn certs_issue(dir: &Path, site: Option<String>, admin: Option<String>, days
     Ok(())
 }
 
-pub fn certs_revoke(dir: &Path, site: Option<String>, admin: Option<String>) -> Result<()> {
-    let (role, name) = who(site, admin)?;
+pub fn certs_revoke(dir: &Path, w: Who) -> Result<()> {
+    let (role, name) = who(w)?;
     let n = pki::revoke(dir, role, &name)?;
     println!(
         "Revoked {n} certificate(s) of '{name}'. {} now lists them; the server refuses them from their next connection.",

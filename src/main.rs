@@ -250,6 +250,12 @@ enum CertsCommand {
     },
 }
 
+impl From<Who> for commands::Who {
+    fn from(w: Who) -> Self {
+        Self { site: w.site, admin: w.admin, server: w.server }
+    }
+}
+
 #[derive(Args)]
 #[group(required = true, multiple = false)]
 struct Who {
@@ -259,6 +265,10 @@ struct Who {
     /// A study lead's name.
     #[arg(long)]
     admin: Option<String>,
+    /// The server's name (`certs revoke` and `certs issue` only: a new server certificate after a
+    /// server key was exposed).
+    #[arg(long)]
+    server: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -393,10 +403,10 @@ fn main() -> ExitCode {
             CertsCommand::Init { dir, study, server_name, sites, admin, days } => {
                 commands::certs_init(&dir, &study, &server_name, &sites, admin.as_deref(), days)
             }
-            CertsCommand::Issue { dir, who, days } => commands::certs_issue(&dir, who.site, who.admin, days),
-            CertsCommand::Request { who, out } => commands::certs_request(&out, who.site, who.admin),
+            CertsCommand::Issue { dir, who, days } => commands::certs_issue(&dir, who.into(), days),
+            CertsCommand::Request { who, out } => commands::certs_request(&out, who.into()),
             CertsCommand::Sign { dir, csr, out, days } => commands::certs_sign(&dir, &csr, &out, days),
-            CertsCommand::Revoke { dir, who } => commands::certs_revoke(&dir, who.site, who.admin),
+            CertsCommand::Revoke { dir, who } => commands::certs_revoke(&dir, who.into()),
         },
         Command::Server { config } => commands::server(&config),
         Command::Client { command: Some(ClientCommand::Status { config, json }), .. } => {

@@ -192,6 +192,7 @@ pub fn measure_rounds_with(
                         ca: dir.join("certs/ca.pem"),
                         cert: dir.join(format!("certs/site-{s}.pem")),
                         key: dir.join(format!("certs/site-{s}.key.pem")),
+                        crl: None,
                     },
                 },
                 min_backoff: Duration::from_millis(100),

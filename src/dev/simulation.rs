@@ -115,7 +115,7 @@ pub async fn run_federation(
             target: fedhcc_client::ServerTarget {
                 url: format!("https://{addr}"),
                 server_name: "localhost".into(),
-                tls: ClientTlsFiles { ca: c.ca(), cert: c.site(&s.id), key: c.site_key(&s.id) },
+                tls: ClientTlsFiles { ca: c.ca(), cert: c.site(&s.id), key: c.site_key(&s.id), crl: None },
             },
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),

@@ -24,7 +24,7 @@ fn admin_config(dir: &Path, name: &str, server: &TestServer, tls: ClientTlsFiles
 
 fn admin_tls(server: &TestServer) -> ClientTlsFiles {
     let c = server.certs();
-    ClientTlsFiles { ca: c.ca(), cert: c.admin("lead"), key: c.admin_key("lead") }
+    ClientTlsFiles { ca: c.ca(), cert: c.admin("lead"), key: c.admin_key("lead"), crl: None }
 }
 
 /// `fedhcc admin --config CFG args…` on a blocking thread: (success, stdout, stderr).

@@ -538,8 +538,9 @@ async fn dashboard_access_and_the_status_command_need_the_admin_role() {
     let tmp = tempfile::tempdir().unwrap();
     let live = start_with_dashboard(tmp.path(), &["center_a"], study(2, 1, 60)).await;
     let certs = live.server.certs();
-    let site = ClientTlsFiles { ca: certs.ca(), cert: certs.site("center_a"), key: certs.site_key("center_a") };
-    let admin = ClientTlsFiles { ca: certs.ca(), cert: certs.admin("lead"), key: certs.admin_key("lead") };
+    let site =
+        ClientTlsFiles { ca: certs.ca(), cert: certs.site("center_a"), key: certs.site_key("center_a"), crl: None };
+    let admin = ClientTlsFiles { ca: certs.ca(), cert: certs.admin("lead"), key: certs.admin_key("lead"), crl: None };
 
     let r = https_get(&live, "/", &[], None).await;
     assert_eq!(r.status, 401);

@@ -72,7 +72,7 @@ impl TestServer {
     }
     pub fn site_tls(&self, site: &str) -> ClientTlsFiles {
         let c = self.certs();
-        ClientTlsFiles { ca: c.ca(), cert: c.site(site), key: c.site_key(site) }
+        ClientTlsFiles { ca: c.ca(), cert: c.site(site), key: c.site_key(site), crl: None }
     }
     pub fn target(&self, tls: ClientTlsFiles) -> fedhcc_client::ServerTarget {
         fedhcc_client::ServerTarget { url: self.url(), server_name: "localhost".into(), tls }
@@ -82,7 +82,7 @@ impl TestServer {
     }
     pub async fn admin(&self) -> FederationClient<Channel> {
         let c = self.certs();
-        let tls = ClientTlsFiles { ca: c.ca(), cert: c.admin("lead"), key: c.admin_key("lead") };
+        let tls = ClientTlsFiles { ca: c.ca(), cert: c.admin("lead"), key: c.admin_key("lead"), crl: None };
         fedhcc_client::transport::connect(&self.target(tls)).await.expect("channel")
     }
     pub async fn status(&self) -> pb::StatusReply {

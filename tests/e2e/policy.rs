@@ -35,7 +35,8 @@ async fn a_site_declines_what_its_policy_forbids_and_the_run_goes_on_without_it(
     let b = tokio::spawn(fedhcc_client::run(b_opts, shifting(5.0, 10, Duration::ZERO), token.clone()));
     server.wait_status("both sites connected", |s| s.sites.iter().all(|x| x.connected)).await;
     let c = server.certs();
-    let admin_tls = fedhcc_core::pki::ClientTlsFiles { ca: c.ca(), cert: c.admin("lead"), key: c.admin_key("lead") };
+    let admin_tls =
+        fedhcc_core::pki::ClientTlsFiles { ca: c.ca(), cert: c.admin("lead"), key: c.admin_key("lead"), crl: None };
     let mut admin = fedhcc_client::transport::connect_admin(&server.target(admin_tls)).await.unwrap();
     admin.control(pb::ControlRequest { command: pb::ControlCommand::Start.into() }).await.unwrap();
 

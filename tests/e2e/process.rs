@@ -115,7 +115,8 @@ async fn server_killed_mid_round_resumes_with_every_round_intact() {
     loop {
         // The server process may not be listening yet: a failed connection is retried.
         let c = ts.certs();
-        let tls = fedhcc_core::pki::ClientTlsFiles { ca: c.ca(), cert: c.admin("lead"), key: c.admin_key("lead") };
+        let tls =
+            fedhcc_core::pki::ClientTlsFiles { ca: c.ca(), cert: c.admin("lead"), key: c.admin_key("lead"), crl: None };
         if let Ok(mut admin) = fedhcc_client::transport::connect(&ts.target(tls)).await
             && let Ok(s) = admin.status(fedhcc_proto::StatusRequest {}).await
             && s.into_inner().rounds.len() >= 2

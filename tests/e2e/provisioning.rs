@@ -55,7 +55,7 @@ async fn sites_that_request_their_certificates_train_and_the_lead_never_holds_th
         // A second request for the same site is refused while the first certificate is valid.
         let (ok, _, err) = sign(&csr, &tmp.path().join("again.pem"));
         assert!(!ok && err.contains("already has a valid certificate"), "{err}");
-        tls.push((site, ClientTlsFiles { ca: certs.join("ca.pem"), cert, key }));
+        tls.push((site, ClientTlsFiles { ca: certs.join("ca.pem"), cert, key, crl: None }));
     }
     assert_eq!(keys_in(&certs), ["admin-lead.key.pem", "ca.key.pem", "server.key.pem"], "no site key at the lead");
 

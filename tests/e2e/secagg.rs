@@ -155,7 +155,8 @@ async fn a_site_lost_after_masking_restarts_the_round_without_it_and_the_model_i
         .collect();
     server.wait_status("three sites connected", |s| s.sites.iter().filter(|x| x.connected).count() == 3).await;
     let c_ = server.certs();
-    let lead = fedhcc_core::pki::ClientTlsFiles { ca: c_.ca(), cert: c_.admin("lead"), key: c_.admin_key("lead") };
+    let lead =
+        fedhcc_core::pki::ClientTlsFiles { ca: c_.ca(), cert: c_.admin("lead"), key: c_.admin_key("lead"), crl: None };
     let mut admin = fedhcc_client::transport::connect_admin(&server.target(lead)).await.unwrap();
     admin.control(pb::ControlRequest { command: pb::ControlCommand::Start.into() }).await.unwrap();
     let t = next_train(&mut c_tasks).await;

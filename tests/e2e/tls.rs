@@ -49,7 +49,7 @@ async fn rejects_client_cert_from_another_ca() {
     pki::init(&other, STUDY, "localhost", &["a".into()], None, 2).unwrap();
     let oc = pki::CertDir::new(&other);
     // Trusts the real server CA, presents a certificate signed by another CA with the same name.
-    let tls = ClientTlsFiles { ca: server.certs().ca(), cert: oc.site("a"), key: oc.site_key("a") };
+    let tls = ClientTlsFiles { ca: server.certs().ca(), cert: oc.site("a"), key: oc.site_key("a"), crl: None };
     let err = join(&server, tls).await.unwrap_err();
     assert!(!err.is_empty(), "refused: {err}");
     assert!(join(&server, server.site_tls("a")).await.is_ok(), "the real site still works");
@@ -154,5 +154,27 @@ async fn a_revoked_site_s_open_connection_is_cut_within_the_revocation_check() {
         tokio::time::timeout(Duration::from_millis(300), ta.message()).await.map_or(true, |m| m.is_ok()),
         "a's stream is still open"
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_site_holding_the_crl_refuses_a_revoked_server_certificate() {
+    let (_t, server) = setup(&["a", "b"], &["a", "b"]).await;
+    let with_crl = ClientTlsFiles { crl: Some(server.certs().crl()), ..server.site_tls("a") };
+    join(&server, with_crl.clone()).await.expect("the server's certificate is valid");
+    // The study lead revokes the server's certificate (its key was stolen, say) and ships the list.
+    pki::revoke(&server.certs().dir, Role::Server, "localhost").unwrap();
+    let err = join(&server, with_crl).await.unwrap_err();
+    assert!(err.to_lowercase().contains("revoked"), "the operator is told why: {err}");
+    // A site without the list checks the CA alone (which is why sites are sent the list).
+    join(&server, server.site_tls("a")).await.expect("without the list");
+    // A new server certificate (same name only), and the server restarted with it: accepted again.
+    let dir = server.dir.clone();
+    assert!(pki::issue(&server.certs().dir, Role::Server, "elsewhere", Validity::days(30)).is_err());
+    pki::issue(&server.certs().dir, Role::Server, "localhost", Validity::days(30)).unwrap();
+    server.stop().await;
+    let server = start_server(&dir, &["a", "b"], study(1, 2, 30), model(10)).await;
+    let with_crl = ClientTlsFiles { crl: Some(server.certs().crl()), ..server.site_tls("a") };
+    join(&server, with_crl).await.expect("the new server certificate");
     server.stop().await;
 }

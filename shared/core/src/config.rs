@@ -467,6 +467,9 @@ pub fn load_site(path: &Path) -> Result<(SiteConfig, StudyConfig), ConfigError> 
     {
         resolve(&base, p);
     }
+    if let Some(crl) = &mut cfg.tls.crl {
+        resolve(&base, crl);
+    }
     validate_name("site", &cfg.site_id).map_err(|e| ConfigError::new(path, e.to_string()))?;
     if !(cfg.server.starts_with("https://")) {
         return Err(ConfigError::new(path, format!("server = '{}': must start with https://", cfg.server)));
@@ -494,6 +497,9 @@ pub fn load_admin(path: &Path) -> Result<AdminConfig, ConfigError> {
     let base = base_dir(path);
     for p in [&mut cfg.tls.ca, &mut cfg.tls.cert, &mut cfg.tls.key] {
         resolve(&base, p);
+    }
+    if let Some(crl) = &mut cfg.tls.crl {
+        resolve(&base, crl);
     }
     if !(cfg.server.starts_with("https://")) {
         return Err(ConfigError::new(path, format!("server = '{}': must start with https://", cfg.server)));

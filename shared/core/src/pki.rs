@@ -323,9 +323,19 @@ fn load_issuer(cd: &CertDir) -> Result<Issuer<'static, KeyPair>, PkiError> {
 /// # Errors
 /// No CA in `dir`, an invalid or already-issued name, or an I/O failure.
 pub fn issue(dir: &Path, role: Role, name: &str, validity: Validity) -> Result<IssuedCert, PkiError> {
-    validate_name(role.as_ou(), name)?;
     let cd = CertDir::new(dir);
     let mut reg = cd.load_registry()?;
+    if role == Role::Server {
+        // A new certificate for the study's server (after the old one was revoked), same name.
+        if name != reg.server_name {
+            return Err(PkiError::Invalid(format!(
+                "this study's server is '{}'; a server certificate is issued for that name only",
+                reg.server_name
+            )));
+        }
+    } else {
+        validate_name(role.as_ou(), name)?;
+    }
     check_not_issued(&reg, role, name)?;
     let issuer = load_issuer(&cd)?;
     let cert = issue_into(&cd, &issuer, &mut reg, role, name, validity)?;
@@ -606,6 +616,10 @@ pub struct ClientTlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The study's revocation list (`crl.pem`, sent with `ca.pem`): a server certificate it lists
+    /// is refused. Optional: without it the server is checked against the CA only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 /// A certificate in use that expires within this many days is announced with a warning at start.
@@ -676,10 +690,18 @@ pub fn client_config(files: &ClientTlsFiles) -> Result<rustls::ClientConfig, Pki
     for c in load_certs(&files.ca)? {
         roots.add(c).map_err(|e| PkiError::Tls(format!("{}: {e}", files.ca.display())))?;
     }
+    let crls = match &files.crl {
+        Some(path) => load_crls(path)?,
+        None => Vec::new(),
+    };
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(crls)
+        .build()
+        .map_err(|e| PkiError::Tls(format!("server verifier: {e}")))?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| PkiError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)
         .map_err(|e| PkiError::Tls(format!("{}: {e}", files.cert.display())))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -806,9 +828,9 @@ mod tests {
         // In use: an expired certificate stops the client at start, and TLS 1.2 is not offered.
         let v = Validity { not_before: now - Duration::days(3), not_after: now - Duration::days(1) };
         issue(tmp.path(), Role::Site, "late", v).unwrap();
-        let late = ClientTlsFiles { ca: cd.ca(), cert: cd.site("late"), key: cd.site_key("late") };
+        let late = ClientTlsFiles { ca: cd.ca(), cert: cd.site("late"), key: cd.site_key("late"), crl: None };
         assert!(client_config(&late).unwrap_err().to_string().contains("expired on"));
-        let ok = ClientTlsFiles { ca: cd.ca(), cert: cd.site("a"), key: cd.site_key("a") };
+        let ok = ClientTlsFiles { ca: cd.ca(), cert: cd.site("a"), key: cd.site_key("a"), crl: None };
         let cfg = client_config(&ok).unwrap();
         assert_eq!(cfg.alpn_protocols, vec![b"h2".to_vec()]);
     }
@@ -844,7 +866,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         init(tmp.path(), "s", "srv", &["a".into()], None, 30).unwrap();
         let cd = CertDir::new(tmp.path());
-        let site = ClientTlsFiles { ca: cd.ca(), cert: cd.site("a"), key: cd.site_key("a") };
+        let site = ClientTlsFiles { ca: cd.ca(), cert: cd.site("a"), key: cd.site_key("a"), crl: None };
         let server = ServerTlsFiles { ca: cd.ca(), cert: cd.server(), key: cd.server_key(), crl: cd.crl() };
         let name = rustls::pki_types::ServerName::try_from("srv").unwrap();
         let ours = Arc::new(client_config(&site).unwrap());

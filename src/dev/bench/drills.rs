@@ -258,6 +258,7 @@ fn target(dir: &Path, port: u16, site: &str) -> fedhcc_client::ServerTarget {
             ca: dir.join("certs/ca.pem"),
             cert: dir.join(format!("certs/site-{site}.pem")),
             key: dir.join(format!("certs/site-{site}.key.pem")),
+            crl: None,
         },
     }
 }
