@@ -255,7 +255,7 @@ impl pb::admin_server::Admin for AdminService {
                 return;
             }
             let chunk = |buf: Vec<u8>| pb::ExportPart { part: Some(pb::export_part::Part::Chunk(buf.into())) };
-            send_checkpoint(file, &g.path, g.bytes, &tx, chunk, |_| {}).await;
+            send_checkpoint(file, &g.path, g.bytes, &tx, chunk, |_| {}, crate::service::CHUNK_IDLE_TIMEOUT).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -471,7 +471,8 @@ impl pb::federation_server::Federation for FederationService {
             let count = |n| {
                 shared.bytes_out.fetch_add(n, Ordering::Relaxed);
             };
-            if transfer::send_checkpoint(file, &g.path, g.bytes, &tx, chunk, count).await {
+            let stall = Duration::from_secs(shared.study.federation.round_timeout_s);
+            if transfer::send_checkpoint(file, &g.path, g.bytes, &tx, chunk, count, stall).await {
                 shared.audit.record(sent).await;
             }
         });

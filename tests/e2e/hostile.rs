@@ -314,3 +314,28 @@ async fn a_site_never_follows_a_server_into_another_run() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_download_the_site_stops_reading_is_dropped_after_the_round_timeout() {
+    const N: usize = 4_000_000; // 16 MB: far more than the HTTP/2 windows hold
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path(), &["a", "b"]);
+    let server = start_server(tmp.path(), &["a", "b"], study(1, 2, 2), model(N)).await;
+    let (mut a, mut b) = (server.client_as("a").await, server.client_as("b").await);
+    let (mut ta, mut tb) = (open_tasks(&mut a).await, open_tasks(&mut b).await);
+    let t = next_train(&mut ta).await;
+    next_train(&mut tb).await;
+    let mut download = a.download_model(t.task.clone().unwrap()).await.unwrap().into_inner();
+    let total = match download.message().await.unwrap() {
+        Some(pb::ModelPart { part: Some(pb::model_part::Part::Header(h)) }) => h.total_bytes,
+        other => panic!("{other:?}"),
+    };
+    // The site stops reading for twice the round timeout, then reads what is left.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut got = 0u64;
+    while let Ok(Some(pb::ModelPart { part: Some(pb::model_part::Part::Chunk(c)) })) = download.message().await {
+        got += c.len() as u64;
+    }
+    assert!(got < total, "the stalled download was held open to the end ({got} of {total} bytes)");
+    server.stop().await;
+}

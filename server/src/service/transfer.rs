@@ -20,7 +20,7 @@ use fedhcc_proto::{MAX_CHUNK_BYTES, MAX_SAMPLES};
 use fedhcc_secure::audit::Direction;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
@@ -297,6 +297,9 @@ impl FederationService {
 /// wrapped by `part` and counted by `sent`. With a channel of one, one chunk is in flight. Returns
 /// whether every chunk went: `false` when the file could not be read (logged, and the receiver told)
 /// or the receiver went away.
+///
+/// A receiver that takes no chunk for `stall` is dropped (logged): a site that stops reading its
+/// download holds a buffer and the checkpoint file only that long.
 pub(crate) async fn send_checkpoint<T>(
     mut file: tokio::fs::File,
     path: &Path,
@@ -304,6 +307,7 @@ pub(crate) async fn send_checkpoint<T>(
     tx: &mpsc::Sender<Result<T, Status>>,
     part: impl Fn(Vec<u8>) -> T,
     mut sent: impl FnMut(u64),
+    stall: Duration,
 ) -> bool {
     let mut left = bytes;
     while left > 0 {
@@ -316,8 +320,16 @@ pub(crate) async fn send_checkpoint<T>(
         }
         left -= n;
         sent(n);
-        if tx.send(Ok(part(buf))).await.is_err() {
-            return false;
+        match tokio::time::timeout(stall, tx.send(Ok(part(buf)))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return false,
+            Err(_) => {
+                tracing::warn!(
+                    stall_s = stall.as_secs_f64(),
+                    "a download was not read for this long; it is dropped (the receiver can ask again)"
+                );
+                return false;
+            }
         }
     }
     true
