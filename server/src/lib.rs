@@ -145,6 +145,13 @@ pub async fn run_with_dashboard(
     store.check_strategy(&description)?;
     // Secure aggregation and DP keep their settings for the whole run; the ε budget may end it early.
     let rounds_to_run = privacy::check_at_start(&study, &store, config.allowed_sites.len())?;
+    if study.federation.dp.is_some() {
+        tracing::warn!(
+            strategy = %study.federation.strategy,
+            "differential privacy: every site has weight 1 in the aggregate (the unweighted mean of the sites), not \
+             its number of training patients"
+        );
+    }
     store.init_admin()?;
     // The strategy's carried state (a server optimizer's moments) as of the last committed round.
     let strategy = driver::strategy_at_last_round(&study, &store)?;

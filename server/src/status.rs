@@ -131,8 +131,12 @@ pub fn privacy_status_json(p: Option<&pb::PrivacyStatus>) -> serde_json::Value {
             "rounds_allowed": (p.rounds_allowed > 0).then_some(p.rounds_allowed),
         })
     });
+    // Under DP every site has weight 1 (the sensitivity of the sum to one site must not grow with
+    // its size): said here, never silently.
+    let weighting = if p.dp { "equal" } else { "samples" };
     serde_json::json!({
         "secure_aggregation": p.secure_aggregation,
+        "site_weighting": weighting,
         "roster": p.roster,
         "last_abort": (!p.last_abort.is_empty()).then_some(&p.last_abort),
         "aborted_attempts": p.aborted_attempts,

@@ -150,5 +150,9 @@ fn privacy_text(out: &mut String, p: &serde_json::Value) {
             f("noise_multiplier"),
             f("l2_clip")
         );
+        let _ = writeln!(
+            out,
+            "  every site counts equally in the model under differential privacy (not by its number of patients)"
+        );
     }
 }

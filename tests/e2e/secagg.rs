@@ -433,6 +433,7 @@ async fn dp_status_shows_epsilon_and_the_rounds_the_budget_allows() {
     let json = fedhcc_server::status_json(&s);
     assert_eq!(json["rounds"][0]["epsilon"], e1);
     assert_eq!(json["privacy"]["dp"]["delta"], 1e-5);
+    assert_eq!(json["privacy"]["site_weighting"], "equal", "DP's unweighted mean is said, not silent");
     assert_eq!(json["rounds"][0]["secure_aggregation"], true);
     let mut server = server;
     server.join().await;
