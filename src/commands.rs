@@ -104,10 +104,16 @@ pub fn certs_issue(dir: &Path, w: Who, days: u32) -> Result<()> {
 pub fn certs_revoke(dir: &Path, w: Who) -> Result<()> {
     let (role, name) = who(w)?;
     let n = pki::revoke(dir, role, &name)?;
-    println!(
-        "Revoked {n} certificate(s) of '{name}'. {} now lists them; the server refuses them from their next connection.",
-        pki::CertDir::new(dir).crl().display()
-    );
+    let crl = pki::CertDir::new(dir).crl();
+    let effect = if role == Role::Server {
+        format!("send {} to the sites: a site whose [tls] crl names it refuses that server certificate", crl.display())
+    } else {
+        format!(
+            "copy {} to the server: within its revocation_check_s it refuses them and cuts their open connections",
+            crl.display()
+        )
+    };
+    println!("Revoked {n} certificate(s) of '{name}'; {effect}.");
     Ok(())
 }
 

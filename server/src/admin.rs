@@ -10,7 +10,7 @@
 use crate::coordinator::{AdminCommand, Phase, RunControl};
 use crate::events::EventKind;
 use crate::metrics::RefusalReason;
-use crate::service::send_checkpoint;
+use crate::service::{Stall, send_checkpoint};
 use crate::state::{Shared, lock, now_unix};
 use crate::store::{AdminActionRecord, Store};
 use fedhcc_core::config::StartMode;
@@ -255,7 +255,8 @@ impl pb::admin_server::Admin for AdminService {
                 return;
             }
             let chunk = |buf: Vec<u8>| pb::ExportPart { part: Some(pb::export_part::Part::Chunk(buf.into())) };
-            send_checkpoint(file, &g.path, g.bytes, &tx, chunk, |_| {}, crate::service::CHUNK_IDLE_TIMEOUT).await;
+            let stall = Stall { after: crate::service::CHUNK_IDLE_TIMEOUT, receiver: "the study lead's export" };
+            send_checkpoint(file, &g.path, g.bytes, &tx, chunk, |_| {}, stall).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

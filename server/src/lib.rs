@@ -228,7 +228,7 @@ pub async fn run_with_dashboard(
         events: Default::default(),
         audit,
         joins: Default::default(),
-        reports: ratelimit::JoinLimiter::reports(),
+        reports: ratelimit::RateLimiter::reports(),
         uploads: Default::default(),
         shutdown: inner.clone(),
         tracker: TaskTracker::new(),

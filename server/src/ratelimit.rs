@@ -1,5 +1,5 @@
-//! Join rate limit: a token bucket per site. A client joins once per connection and reconnects
-//! with exponential backoff, so a handful of joins a minute is normal; a site that joins faster
+//! Per-site rate limits (token buckets): `Join`, and the reports that write the audit log. A
+//! client joins once per connection and reconnects with exponential backoff, so a handful of joins a minute is normal; a site that joins faster
 //! (a loop gone wrong, a stolen certificate hammering the server) is refused with
 //! `RESOURCE_EXHAUSTED` until its bucket refills, and the refusal is counted under
 //! `reason="rate_limited"` in `/metrics`.
@@ -33,28 +33,28 @@ struct Bucket {
     since: Instant,
 }
 
-/// Per-site token buckets for `Join`.
+/// Per-site token buckets: one limiter for `Join` ([`Default`]), one for reports ([`RateLimiter::reports`]).
 #[derive(Debug)]
-pub struct JoinLimiter {
+pub struct RateLimiter {
     burst: u32,
     refill: Duration,
     buckets: Mutex<BTreeMap<String, Bucket>>,
 }
 
-impl JoinLimiter {
+impl RateLimiter {
     /// The limiter of a site's reports ([`REPORT_BURST`], [`REPORT_REFILL`]).
     pub fn reports() -> Self {
         Self::new(REPORT_BURST, REPORT_REFILL)
     }
 }
 
-impl Default for JoinLimiter {
+impl Default for RateLimiter {
     fn default() -> Self {
         Self::new(JOIN_BURST, JOIN_REFILL)
     }
 }
 
-impl JoinLimiter {
+impl RateLimiter {
     /// A limiter allowing `burst` joins at once and one more per `refill` (burst at least 1,
     /// refill at least 1 ms).
     pub fn new(burst: u32, refill: Duration) -> Self {
@@ -93,7 +93,7 @@ mod tests {
 
     #[test]
     fn a_burst_is_allowed_then_one_join_per_refill_period_per_site() {
-        let l = JoinLimiter::new(3, Duration::from_secs(2));
+        let l = RateLimiter::new(3, Duration::from_secs(2));
         let t0 = Instant::now();
         for _ in 0..3 {
             l.allow("a", t0).unwrap();

@@ -37,7 +37,7 @@ use tonic::{Request, Response, Status, Streaming};
 mod secagg;
 mod transfer;
 pub(crate) use secagg::roster as secagg_roster;
-pub(crate) use transfer::send_checkpoint;
+pub(crate) use transfer::{Stall, send_checkpoint};
 
 /// How often a waiting site hears from the server.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -82,7 +82,7 @@ pub fn check_text(field: &str, s: &str, max: usize) -> Result<(), Status> {
     Ok(())
 }
 
-/// A model layout fingerprint from a request: 64 lowercase hex digits (a SHA-256), or empty where
+/// A model layout fingerprint from a request: 64 hex digits (a SHA-256), or empty where
 /// `optional` (a site that names no model). Checked before it is compared or shown, so that no
 /// message ever cuts a site's string inside a character.
 ///
@@ -92,9 +92,9 @@ pub fn check_fingerprint(field: &str, s: &str, optional: bool) -> Result<(), Sta
     if s.is_empty() && optional {
         return Ok(());
     }
-    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if fedhcc_core::params::Fingerprint::from_hex(s).is_none() {
         return Err(Status::invalid_argument(format!(
-            "{field} is not a model fingerprint (64 lowercase hexadecimal digits, as `fedhcc` writes it)"
+            "{field} is not a model fingerprint (64 hexadecimal digits, as `fedhcc` writes it)"
         )));
     }
     Ok(())
@@ -471,7 +471,9 @@ impl pb::federation_server::Federation for FederationService {
             let count = |n| {
                 shared.bytes_out.fetch_add(n, Ordering::Relaxed);
             };
-            let stall = Duration::from_secs(shared.study.federation.round_timeout_s);
+            let who = format!("site {} ({})", sent.peer, sent.task);
+            let stall =
+                transfer::Stall { after: Duration::from_secs(shared.study.federation.round_timeout_s), receiver: &who };
             if transfer::send_checkpoint(file, &g.path, g.bytes, &tx, chunk, count, stall).await {
                 shared.audit.record(sent).await;
             }

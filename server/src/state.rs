@@ -95,10 +95,10 @@ pub struct Shared {
     /// `state_dir/audit.jsonl`: messages carrying task data, appended by handlers.
     pub audit: crate::audit::ServerAudit,
     /// Per-site join rate limit; taken by `Join`.
-    pub joins: crate::ratelimit::JoinLimiter,
+    pub joins: crate::ratelimit::RateLimiter,
     /// Per-site rate limit of the reports that write the audit log (`RefuseTask`, `AdvertiseKey`,
     /// `ReportEvaluation`, `ReportStatistics`).
-    pub reports: crate::ratelimit::JoinLimiter,
+    pub reports: crate::ratelimit::RateLimiter,
     /// The sites with an upload in progress: one at a time per site.
     pub uploads: Mutex<std::collections::BTreeSet<String>>,
     pub shutdown: CancellationToken,
@@ -338,8 +338,8 @@ pub(crate) fn test_shared(dir: &std::path::Path, jobs: mpsc::UnboundedSender<Act
         metrics: Metrics::default(),
         events: EventLog::default(),
         audit: crate::audit::ServerAudit::default(),
-        joins: crate::ratelimit::JoinLimiter::default(),
-        reports: crate::ratelimit::JoinLimiter::reports(),
+        joins: crate::ratelimit::RateLimiter::default(),
+        reports: crate::ratelimit::RateLimiter::reports(),
         uploads: Mutex::default(),
         shutdown: CancellationToken::default(),
         tracker: TaskTracker::default(),

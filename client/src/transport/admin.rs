@@ -23,6 +23,12 @@ pub struct AdminAnswer {
     pub phase: String,
 }
 
+impl From<pb::AdminReply> for AdminAnswer {
+    fn from(r: pb::AdminReply) -> Self {
+        Self { message: r.message, run_control: r.run_control, phase: r.phase }
+    }
+}
+
 /// What the server says of the model an export sends (its length, SHA-256 and layout were checked).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Exported {
@@ -62,7 +68,7 @@ impl Admin {
             RunControl::Abort => pb::ControlCommand::Abort,
         };
         let r = self.client.control(pb::ControlRequest { command: command.into() }).await?.into_inner();
-        Ok(AdminAnswer { message: r.message, run_control: r.run_control, phase: r.phase })
+        Ok(r.into())
     }
 
     /// Puts a site on the allow-list or takes it off.
@@ -72,7 +78,7 @@ impl Admin {
     pub async fn set_site_access(&mut self, site_id: &str, allowed: bool) -> Result<AdminAnswer, TransportError> {
         let request = pb::SiteAccessRequest { site_id: site_id.to_string(), allowed };
         let r = self.client.set_site_access(request).await?.into_inner();
-        Ok(AdminAnswer { message: r.message, run_control: r.run_control, phase: r.phase })
+        Ok(r.into())
     }
 
     /// Receives the newest committed model into `sink`, chunk by chunk, checking its length and

@@ -293,12 +293,18 @@ impl FederationService {
     }
 }
 
+/// How long a download's receiver may leave a chunk untaken, and who it is (for the log).
+pub(crate) struct Stall<'a> {
+    pub after: Duration,
+    pub receiver: &'a str,
+}
+
 /// Sends a checkpoint's `bytes` from `file` down `tx` in chunks of at most [`MAX_CHUNK_BYTES`], each
 /// wrapped by `part` and counted by `sent`. With a channel of one, one chunk is in flight. Returns
 /// whether every chunk went: `false` when the file could not be read (logged, and the receiver told)
 /// or the receiver went away.
 ///
-/// A receiver that takes no chunk for `stall` is dropped (logged): a site that stops reading its
+/// A receiver that takes no chunk for `stall.after` is dropped (logged, naming it): a site that stops reading its
 /// download holds a buffer and the checkpoint file only that long.
 pub(crate) async fn send_checkpoint<T>(
     mut file: tokio::fs::File,
@@ -307,7 +313,7 @@ pub(crate) async fn send_checkpoint<T>(
     tx: &mpsc::Sender<Result<T, Status>>,
     part: impl Fn(Vec<u8>) -> T,
     mut sent: impl FnMut(u64),
-    stall: Duration,
+    stall: Stall<'_>,
 ) -> bool {
     let mut left = bytes;
     while left > 0 {
@@ -320,12 +326,14 @@ pub(crate) async fn send_checkpoint<T>(
         }
         left -= n;
         sent(n);
-        match tokio::time::timeout(stall, tx.send(Ok(part(buf)))).await {
+        match tokio::time::timeout(stall.after, tx.send(Ok(part(buf)))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return false,
             Err(_) => {
                 tracing::warn!(
-                    stall_s = stall.as_secs_f64(),
+                    receiver = stall.receiver,
+                    checkpoint = %path.display(),
+                    stall_s = stall.after.as_secs_f64(),
                     "a download was not read for this long; it is dropped (the receiver can ask again)"
                 );
                 return false;

@@ -433,7 +433,11 @@ pub fn request_paths(out: &Path, name: &str) -> (PathBuf, PathBuf) {
 /// in `out`, or an I/O failure.
 pub fn request(out: &Path, role: Role, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
     if role == Role::Server {
-        return Err(PkiError::Invalid("a request is for a site or an admin certificate".into()));
+        return Err(PkiError::Invalid(
+            "`certs request` makes a site's or an admin's key; the server's certificate comes from `certs init` \
+             (or, after a revocation, `certs issue --server NAME`)"
+                .into(),
+        ));
     }
     validate_name(role.as_ou(), name)?;
     let (key_path, csr_path) = request_paths(out, name);
